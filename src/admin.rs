@@ -1,0 +1,67 @@
+//! The admin listener: `/healthz` (process up) and `/readyz` (every credential holds a token).
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::auth::cache::TokenSource;
+use crate::body::ResponseBody;
+
+/// The admin service over `credentials`.
+pub fn service(
+    credentials: Arc<BTreeMap<String, TokenSource>>,
+) -> impl tower::Service<
+    Request<Incoming>,
+    Response = Response<ResponseBody>,
+    Error = Infallible,
+    Future = impl Send + 'static,
+> + Clone
++ Send
++ 'static {
+    tower::service_fn(move |req: Request<Incoming>| {
+        let credentials = credentials.clone();
+        async move { Ok(handle(req, &credentials).await) }
+    })
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    credentials: &BTreeMap<String, TokenSource>,
+) -> Response<ResponseBody> {
+    match req.uri().path() {
+        "/healthz" => json(StatusCode::OK, serde_json::json!({ "status": "ok" })),
+        "/readyz" => {
+            let mut missing = Vec::new();
+            for (name, source) in credentials {
+                if source.current().await.is_none() {
+                    missing.push(name.as_str());
+                }
+            }
+            if missing.is_empty() {
+                json(StatusCode::OK, serde_json::json!({ "status": "ready" }))
+            } else {
+                json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    serde_json::json!({ "status": "not_ready", "reason": "no valid token", "credentials": missing }),
+                )
+            }
+        }
+        _ => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({ "kind": "not_found" }),
+        ),
+    }
+}
+
+fn json(status: StatusCode, body: serde_json::Value) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::local(body.to_string()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}

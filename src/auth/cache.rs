@@ -1,0 +1,230 @@
+//! The token cache: one moka entry per credential, cold misses coalesced into one exchange,
+//! background renewal ahead of expiry, and invalidation only of the token a 401 was answered for.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use moka::Expiry;
+use moka::future::Cache;
+use moka::ops::compute::Op;
+use tokio::task::AbortHandle;
+
+use super::exchange::{AuthError, Exchanger};
+use super::token::Token;
+
+/// The largest share of the renewal lead added as random jitter, so fleets do not renew in step.
+pub const RENEW_JITTER_FRACTION: f64 = 0.1;
+/// The first wait after a failed background renewal.
+pub const RENEW_BACKOFF_START: Duration = Duration::from_millis(500);
+/// The longest wait between background renewal attempts.
+pub const RENEW_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The token source of one credential. Cheap to clone; clones share the cache.
+#[derive(Clone)]
+pub struct TokenSource {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: Arc<str>,
+    exchanger: Exchanger,
+    refresh_before: Duration,
+    cache: Cache<(), Arc<Token>>,
+    renewer: Mutex<Option<AbortHandle>>,
+    exchanges: AtomicU64,
+}
+
+/// Entries live until the token stops being usable.
+struct UntilUnusable;
+
+impl Expiry<(), Arc<Token>> for UntilUnusable {
+    fn expire_after_create(&self, _: &(), token: &Arc<Token>, now: Instant) -> Option<Duration> {
+        Some(token.usable_until().saturating_duration_since(now))
+    }
+
+    // moka would keep the old deadline on update; a renewed token brings its own.
+    fn expire_after_update(
+        &self,
+        _: &(),
+        token: &Arc<Token>,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(token.usable_until().saturating_duration_since(now))
+    }
+}
+
+impl TokenSource {
+    /// A source for credential `name`, renewing `refresh_before` ahead of expiry (plus jitter).
+    pub fn new(name: &str, exchanger: Exchanger, refresh_before: Duration) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                name: name.into(),
+                exchanger,
+                refresh_before,
+                cache: Cache::builder()
+                    .max_capacity(1)
+                    .expire_after(UntilUnusable)
+                    .build(),
+                renewer: Mutex::new(None),
+                exchanges: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The credential's name.
+    pub fn name(&self) -> &Arc<str> {
+        &self.inner.name
+    }
+
+    /// A usable token: the cached one, or the result of the single exchange that all concurrent
+    /// cold callers share.
+    pub async fn token(&self) -> Result<Arc<Token>, Arc<AuthError>> {
+        if let Some(token) = self.inner.cache.get(&()).await {
+            return Ok(token);
+        }
+        let inner = &self.inner;
+        inner
+            .cache
+            .try_get_with((), async {
+                let token = Arc::new(inner.exchange().await?);
+                inner.schedule_renewal(&token);
+                Ok(token)
+            })
+            .await
+    }
+
+    /// The cached token, if one is usable now. Never runs an exchange.
+    pub async fn current(&self) -> Option<Arc<Token>> {
+        self.inner.cache.get(&()).await
+    }
+
+    /// Drops the cached token if it is still generation `generation`: a later token, obtained
+    /// meanwhile by a concurrent 401 or a renewal, is kept.
+    pub async fn invalidate_if_current(&self, generation: u64) {
+        let result = self
+            .inner
+            .cache
+            .entry(())
+            .and_compute_with(|entry| {
+                let op = match entry {
+                    Some(e) if e.value().generation() == generation => Op::Remove,
+                    _ => Op::Nop,
+                };
+                std::future::ready(op)
+            })
+            .await;
+        tracing::debug!(credential = %self.inner.name, generation, ?result, "invalidate if current");
+    }
+
+    /// How many exchanges this source has started.
+    pub fn exchanges(&self) -> u64 {
+        self.inner.exchanges.load(Ordering::Relaxed)
+    }
+
+    /// Runs one exchange outside the cache (for `tokengate token`).
+    pub async fn exchange_once(&self) -> Result<Token, AuthError> {
+        self.inner.exchange().await
+    }
+}
+
+impl Inner {
+    async fn exchange(&self) -> Result<Token, AuthError> {
+        self.exchanges.fetch_add(1, Ordering::Relaxed);
+        let result = self.exchanger.exchange().await;
+        match &result {
+            Ok(token) => tracing::info!(
+                credential = %self.name,
+                generation = token.generation(),
+                lifetime_s = token.lifetime().as_secs(),
+                auth_log_uuid = token.log_uuid(),
+                "token obtained"
+            ),
+            Err(error) => tracing::warn!(
+                credential = %self.name,
+                error = %crate::error::Chain(error),
+                auth_log_uuid = error.log_uuid(),
+                "token exchange failed"
+            ),
+        }
+        result
+    }
+
+    /// When to renew `token`: `refresh_before` ahead of the end of its usable life, less jitter;
+    /// at half its life when it lives less than twice `refresh_before`.
+    fn renew_at(&self, token: &Token) -> Instant {
+        let life = token.usable_until() - token.obtained_at();
+        let lead = self.refresh_before.min(life / 2);
+        let jitter = lead.mul_f64(rand::random::<f64>() * RENEW_JITTER_FRACTION);
+        token.usable_until() - lead - jitter
+    }
+
+    /// Replaces the background renewal task with one that keeps `token` fresh.
+    fn schedule_renewal(self: &Arc<Self>, token: &Arc<Token>) {
+        let task = tokio::spawn(renew(Arc::downgrade(self), token.clone()));
+        let previous = self
+            .renewer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(task.abort_handle());
+        if let Some(previous) = previous {
+            previous.abort();
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(task) = self
+            .renewer
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            task.abort();
+        }
+    }
+}
+
+/// The renewal loop: before `token` runs out, exchange for a new one. On failure the current token
+/// keeps serving; attempts back off until it is no longer usable, then the cold path takes over.
+async fn renew(source: Weak<Inner>, mut token: Arc<Token>) {
+    loop {
+        let Some(at) = source.upgrade().map(|s| s.renew_at(&token)) else {
+            return;
+        };
+        tokio::time::sleep_until(at.into()).await;
+        let mut backoff = RENEW_BACKOFF_START;
+        token = loop {
+            let Some(inner) = source.upgrade() else {
+                return;
+            };
+            match inner.exchange().await {
+                Ok(fresh) => {
+                    let fresh = Arc::new(fresh);
+                    inner.cache.insert((), fresh.clone()).await;
+                    break fresh;
+                }
+                Err(_) if Instant::now() + backoff >= token.usable_until() => {
+                    tracing::warn!(credential = %inner.name, "renewal gave up; token lapses");
+                    return;
+                }
+                Err(_) => {
+                    drop(inner);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RENEW_BACKOFF_MAX);
+                }
+            }
+        };
+    }
+}
+
+impl std::fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenSource")
+            .field("name", &self.inner.name)
+            .field("exchanger", &self.inner.exchanger)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,80 @@
+//! Bearer injection: sets `Authorization` from the route's credential (cache hit, or the shared
+//! exchange) and records which token was used, so a 401 can invalidate exactly that one.
+
+use std::task::{Context, Poll};
+
+use futures_util::future::BoxFuture;
+use http::header::AUTHORIZATION;
+use http::{Request, Response};
+use tower::{Layer, Service};
+
+use crate::error::ProxyError;
+use crate::route::RouteCtx;
+
+/// The generation of the token a request was sent with, in the response's extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsedToken(pub u64);
+
+/// Injects the credential's bearer token into every routed request that wants one.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InjectBearerLayer;
+
+impl<S> Layer<S> for InjectBearerLayer {
+    type Service = InjectBearer<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        InjectBearer { inner }
+    }
+}
+
+/// See [`InjectBearerLayer`].
+#[derive(Debug, Clone)]
+pub struct InjectBearer<S> {
+    inner: S,
+}
+
+impl<S, B, RB> Service<Request<B>> for InjectBearer<S>
+where
+    S: Service<Request<B>, Response = Response<RB>, Error = ProxyError> + Clone + Send + 'static,
+    S::Future: Send,
+    B: Send + 'static,
+{
+    type Response = Response<RB>;
+    type Error = ProxyError;
+    type Future = BoxFuture<'static, Result<Response<RB>, ProxyError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let ctx = req
+                .extensions()
+                .get::<RouteCtx>()
+                .filter(|ctx| ctx.inject)
+                .cloned();
+            let Some(ctx) = ctx else {
+                return inner.call(req).await;
+            };
+            let source = &ctx.route.credential;
+            let token = source
+                .token()
+                .await
+                .map_err(|source_err| ProxyError::Auth {
+                    credential: source.name().clone(),
+                    source: source_err,
+                })?;
+            // Set after hop-by-hop stripping, so nothing the client sent can remove or double it.
+            req.headers_mut()
+                .insert(AUTHORIZATION, token.header().clone());
+            let mut response = inner.call(req).await?;
+            response
+                .extensions_mut()
+                .insert(UsedToken(token.generation()));
+            Ok(response)
+        })
+    }
+}

@@ -1,0 +1,7 @@
+//! The credential side: the exchange protocol, tokens, the token cache and bearer injection.
+
+pub mod cache;
+pub mod crypto;
+pub mod exchange;
+pub mod inject;
+pub mod token;

@@ -1,0 +1,521 @@
+//! `proxy.toml`: every key with its default, validation that names the file and the key, and
+//! secret resolution from `{ env = … }` or `{ file = … }` (inline secrets are refused).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Uri;
+use secrecy::SecretString;
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+
+use crate::auth::crypto::{CipherTextLayout, EncryptionKey, SignatureAlg};
+use crate::route::ClientAuthorization;
+
+/// The largest `max_replay_body` accepted, in bytes.
+pub const MAX_REPLAY_BODY_LIMIT: usize = 16 * 1024 * 1024;
+/// The largest secret read from a file, in bytes.
+pub const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+
+/// A configuration problem, naming the file, the key and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}: {key}: {problem}")]
+pub struct ConfigError {
+    /// The configuration file (or `<inline>`).
+    pub file: String,
+    /// The key at fault, e.g. `routes[0].credential`.
+    pub key: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+/// The whole `proxy.toml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The proxy listener.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// The admin listener.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Named credential sets.
+    #[serde(default)]
+    pub credentials: BTreeMap<String, CredentialConfig>,
+    /// Routes, first match wins.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// `[server]`: the proxy listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Listen address. Default `127.0.0.1:8080`: loopback, since whoever reaches this port uses
+    /// the credentials.
+    pub listen: SocketAddr,
+    /// Bytes of request body buffered so a request can be replayed after a 401. Default 65536.
+    pub max_replay_body: usize,
+    /// How long the upstream may take to answer (response head). Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// How long a client may take to send its request headers. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_replay_body: 64 * 1024,
+            request_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[admin]`: health and readiness.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Listen address for `/healthz` and `/readyz`. Default `127.0.0.1:9901`.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
+        }
+    }
+}
+
+/// `[credentials.NAME]`: one agent's exchange settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialConfig {
+    /// The auth endpoint, e.g. `https://auth.example.com/v2/auth`.
+    pub auth_url: HttpUrl,
+    /// The agent id sent as `x-agentid` and in the encrypted body.
+    pub agent_id: String,
+    /// Where the secret comes from: `{ env = "VAR" }` or `{ file = "/path" }`.
+    pub secret: SecretSource,
+    /// Base64 of a 32-byte AES key; default SHA-256(secret).
+    #[serde(default)]
+    pub encryption_key: Option<SecretSource>,
+    /// `sha256` (default) or `hmac-sha256`.
+    #[serde(default)]
+    pub signature: SignatureAlg,
+    /// `iv-tag-ct` (default) or `iv-ct-tag`.
+    #[serde(default)]
+    pub cipher_text_layout: CipherTextLayout,
+    /// Renew this long before expiry, plus jitter (half the lifetime for short tokens). Default 5m.
+    #[serde(default = "default_refresh_before", with = "humantime_serde")]
+    pub refresh_before: Duration,
+    /// The deadline for one exchange. Default 5 s.
+    #[serde(default = "default_exchange_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Extra PEM roots trusted for this auth server.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_refresh_before() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_exchange_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// `[[routes]]`: where matching requests go and with which credential.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Path prefix to match (plain prefix). Default `/`.
+    #[serde(default = "default_prefix")]
+    pub path_prefix: String,
+    /// Host to match, from `Host` or an absolute-form request; any host if unset.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// The upstream base URL, http or https.
+    pub upstream: HttpUrl,
+    /// The `[credentials.*]` entry whose token is injected.
+    pub credential: String,
+    /// Remove `path_prefix` before forwarding. Default false.
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// `replace` (default), `keep` or `reject` a client's own `Authorization`.
+    #[serde(default)]
+    pub client_authorization: ClientAuthorization,
+    /// Extra PEM roots trusted for this upstream.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_prefix() -> String {
+    "/".into()
+}
+
+/// An absolute `http://` or `https://` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpUrl(pub Uri);
+
+impl<'de> Deserialize<'de> for HttpUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let uri: Uri = s
+            .parse()
+            .map_err(|e| de::Error::custom(format!("`{s}` is not a URL: {e}")))?;
+        match uri.scheme_str() {
+            Some("http" | "https") if uri.authority().is_some() => Ok(Self(uri)),
+            _ => Err(de::Error::custom(format!(
+                "`{s}` must be an absolute http:// or https:// URL"
+            ))),
+        }
+    }
+}
+
+/// Where a secret comes from. Inline values are refused so secrets stay out of config files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// An environment variable.
+    Env(String),
+    /// A file (one trailing newline is dropped).
+    File(PathBuf),
+}
+
+impl<'de> Deserialize<'de> for SecretSource {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = SecretSource;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#"{ env = "VAR" } or { file = "/path" }"#)
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<SecretSource, E> {
+                Err(E::custom(
+                    r#"inline secrets are refused; use { env = "VAR" } or { file = "/path" }"#,
+                ))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SecretSource, A::Error> {
+                let source = match map.next_key::<String>()?.as_deref() {
+                    Some("env") => SecretSource::Env(map.next_value()?),
+                    Some("file") => SecretSource::File(map.next_value()?),
+                    Some(other) => {
+                        return Err(de::Error::custom(format!(
+                            "unknown key `{other}`; expected `env` or `file`"
+                        )));
+                    }
+                    None => return Err(de::Error::custom("empty table; expected `env` or `file`")),
+                };
+                if map.next_key::<String>()?.is_some() {
+                    return Err(de::Error::custom("give exactly one of `env` or `file`"));
+                }
+                Ok(source)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Looks up environment variables; a seam so tests and the demo need not mutate the process.
+pub trait SecretEnv {
+    /// The value of `name`, if set.
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessEnv;
+
+impl SecretEnv for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl SecretEnv for BTreeMap<String, String> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
+
+impl SecretSource {
+    /// Reads the secret; the error names what is missing, never the value.
+    fn resolve(&self, env: &dyn SecretEnv) -> Result<SecretString, String> {
+        let value = match self {
+            Self::Env(var) => env
+                .var(var)
+                .ok_or_else(|| format!("environment variable `{var}` is not set"))?,
+            Self::File(path) => read_secret_file(path)?,
+        };
+        if value.is_empty() {
+            return Err("the secret is empty".into());
+        }
+        Ok(SecretString::from(value))
+    }
+}
+
+fn read_secret_file(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let err = |e: std::io::Error| format!("cannot read `{}`: {e}", path.display());
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(err)?
+        .take(MAX_SECRET_FILE_BYTES)
+        .read_to_string(&mut text)
+        .map_err(err)?;
+    let trimmed = text.strip_suffix('\n').unwrap_or(&text);
+    let trimmed = trimmed.strip_suffix('\r').unwrap_or(trimmed).to_owned();
+    zeroize::Zeroize::zeroize(&mut text);
+    Ok(trimmed)
+}
+
+/// A credential's resolved secret material.
+#[derive(Debug)]
+pub struct CredentialSecrets {
+    /// The shared secret.
+    pub secret: SecretString,
+    /// The AES-256 key.
+    pub key: EncryptionKey,
+}
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            key: "(file)".into(),
+            problem: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&text, &file)
+    }
+
+    /// Parses and validates TOML text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let de = toml::Deserializer::new(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = match e.path().to_string() {
+                p if p == "." => "(top level)".to_owned(),
+                p => p,
+            };
+            let inner = e.into_inner();
+            let line = inner
+                .span()
+                .map(|s| format!(" (line {})", text[..s.start].matches('\n').count() + 1))
+                .unwrap_or_default();
+            ConfigError {
+                file: file.to_owned(),
+                key,
+                problem: format!("{}{line}", inner.message().trim_end()),
+            }
+        })?;
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let err = |key: String, problem: String| ConfigError {
+            file: file.to_owned(),
+            key,
+            problem,
+        };
+        if self.server.max_replay_body > MAX_REPLAY_BODY_LIMIT {
+            return Err(err(
+                "server.max_replay_body".into(),
+                format!("must be at most {MAX_REPLAY_BODY_LIMIT} bytes"),
+            ));
+        }
+        for (key, d) in [
+            ("server.request_timeout", self.server.request_timeout),
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
+        ] {
+            if d.is_zero() {
+                return Err(err(key.into(), "must be greater than zero".into()));
+            }
+        }
+        for (name, c) in &self.credentials {
+            if c.timeout.is_zero() {
+                return Err(err(
+                    format!("credentials.{name}.timeout"),
+                    "must be greater than zero".into(),
+                ));
+            }
+            if c.agent_id.is_empty() || http::HeaderValue::try_from(c.agent_id.as_str()).is_err() {
+                return Err(err(
+                    format!("credentials.{name}.agent_id"),
+                    "must be a non-empty printable string".into(),
+                ));
+            }
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            if !self.credentials.contains_key(&r.credential) {
+                let known: Vec<&str> = self.credentials.keys().map(String::as_str).collect();
+                return Err(err(
+                    format!("routes[{i}].credential"),
+                    format!(
+                        "unknown credential `{}` (defined: {})",
+                        r.credential,
+                        if known.is_empty() {
+                            "none".into()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                ));
+            }
+            if !r.path_prefix.starts_with('/') {
+                return Err(err(
+                    format!("routes[{i}].path_prefix"),
+                    "must start with `/`".into(),
+                ));
+            }
+            if let Some(host) = &r.host
+                && (host.is_empty() || host.parse::<http::uri::Authority>().is_err())
+            {
+                return Err(err(
+                    format!("routes[{i}].host"),
+                    format!("`{host}` is not a host name"),
+                ));
+            }
+            if r.upstream.0.query().is_some() {
+                return Err(err(
+                    format!("routes[{i}].upstream"),
+                    "must not carry a query".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves the secret and key of credential `name`; errors name the key, never a value.
+    pub fn resolve_secrets(
+        &self,
+        name: &str,
+        env: &dyn SecretEnv,
+        file: &str,
+    ) -> Result<CredentialSecrets, ConfigError> {
+        let err = |key: &str, problem: String| ConfigError {
+            file: file.to_owned(),
+            key: format!("credentials.{name}.{key}"),
+            problem,
+        };
+        let c = self
+            .credentials
+            .get(name)
+            .ok_or_else(|| err("", "no such credential".into()))?;
+        let secret = c.secret.resolve(env).map_err(|p| err("secret", p))?;
+        let key = match &c.encryption_key {
+            None => EncryptionKey::derive(&secret),
+            Some(source) => {
+                let encoded = source.resolve(env).map_err(|p| err("encryption_key", p))?;
+                EncryptionKey::from_base64(secrecy::ExposeSecret::expose_secret(&encoded))
+                    .ok_or_else(|| {
+                        err(
+                            "encryption_key",
+                            "must be base64 of exactly 32 bytes".into(),
+                        )
+                    })?
+            }
+        };
+        Ok(CredentialSecrets { secret, key })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+[credentials.partner]
+auth_url = "https://auth.example.com/v2/auth"
+agent_id = "agent01"
+secret = { env = "PARTNER_SECRET" }
+[[routes]]
+upstream = "https://api.example.com"
+credential = "partner"
+"#;
+
+    fn problem(text: &str) -> ConfigError {
+        Config::parse(text, "proxy.toml").unwrap_err()
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = Config::parse(GOOD, "proxy.toml").unwrap();
+        assert_eq!(c.server.max_replay_body, 65536);
+        assert_eq!(c.server.request_timeout, Duration::from_secs(30));
+        let p = &c.credentials["partner"];
+        assert_eq!(p.refresh_before, Duration::from_secs(300));
+        assert_eq!(p.signature, SignatureAlg::Sha256);
+        assert_eq!(c.routes[0].path_prefix, "/");
+        assert_eq!(
+            c.routes[0].client_authorization,
+            ClientAuthorization::Replace
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = problem(&GOOD.replace("credential = \"partner\"", "credential = \"nope\""));
+        assert_eq!(e.key, "routes[0].credential");
+        assert!(e.problem.contains("nope"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("proxy.toml: routes[0].credential: ")
+        );
+
+        let e = problem(&GOOD.replace("https://api.example.com", "ftp://x"));
+        assert_eq!(e.key, "routes[0].upstream", "{e}");
+
+        let e = problem(&GOOD.replace("listen = \"127.0.0.1:0\"", "request_timeout = \"soon\""));
+        assert_eq!(e.key, "server.request_timeout", "{e}");
+
+        let e = problem(&GOOD.replace("{ env = \"PARTNER_SECRET\" }", "\"hunter2\""));
+        assert_eq!(e.key, "credentials.partner.secret", "{e}");
+        assert!(e.problem.contains("inline secrets are refused"), "{e}");
+        assert!(!e.to_string().contains("hunter2"));
+
+        let e = problem(&format!("{GOOD}\nbogus = 1\n"));
+        assert!(e.problem.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn secrets_resolve_and_keys_must_be_32_bytes() {
+        let env: BTreeMap<String, String> = [
+            ("PARTNER_SECRET".into(), "s3cret".into()),
+            ("SHORT_KEY".into(), "AAAA".into()),
+        ]
+        .into();
+        let c = Config::parse(GOOD, "proxy.toml").unwrap();
+        assert!(c.resolve_secrets("partner", &env, "proxy.toml").is_ok());
+
+        let text = GOOD.replace(
+            "secret = { env = \"PARTNER_SECRET\" }",
+            "secret = { env = \"PARTNER_SECRET\" }\nencryption_key = { env = \"SHORT_KEY\" }",
+        );
+        let c = Config::parse(&text, "proxy.toml").unwrap();
+        let e = c
+            .resolve_secrets("partner", &env, "proxy.toml")
+            .unwrap_err();
+        assert_eq!(e.key, "credentials.partner.encryption_key");
+        assert!(e.problem.contains("32 bytes"));
+
+        let e = c
+            .resolve_secrets("partner", &BTreeMap::new(), "proxy.toml")
+            .unwrap_err();
+        assert_eq!(e.key, "credentials.partner.secret");
+        assert!(e.problem.contains("PARTNER_SECRET"));
+    }
+}

@@ -1,0 +1,142 @@
+//! The proxy's own errors and the one place they become the JSON responses of DESIGN.md.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use http::{Response, StatusCode};
+
+use crate::auth::exchange::AuthError;
+use crate::body::ResponseBody;
+
+/// A boxed error, for sources of any type.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The header naming the error kind on every response the proxy itself produces.
+pub const ERROR_HEADER: &str = "x-tokengate-error";
+/// `Retry-After` sent with `auth_unavailable`, in seconds.
+pub const AUTH_RETRY_AFTER_SECS: u32 = 1;
+
+/// Everything that can go wrong on the request path.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// No route matches the request.
+    #[error("no route matches this request")]
+    NoRoute {
+        /// The request was absolute-form (`HTTP_PROXY` use): 403 instead of 404.
+        absolute_form: bool,
+    },
+    /// The credential's token could not be obtained.
+    #[error("credential {credential}: {source}")]
+    Auth {
+        /// The credential's name.
+        credential: Arc<str>,
+        /// Why the exchange failed.
+        #[source]
+        source: Arc<AuthError>,
+    },
+    /// Connecting to the upstream, or talking to it, failed.
+    #[error("upstream unreachable")]
+    UpstreamUnreachable(#[source] hyper_util::client::legacy::Error),
+    /// The upstream did not answer within `request_timeout`.
+    #[error("upstream did not answer within {0:?}")]
+    UpstreamTimeout(Duration),
+    /// The request body is larger than allowed.
+    #[error("request body exceeds {limit} bytes")]
+    BodyTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The client stopped sending its body.
+    #[error("client body read failed")]
+    ClientBody(#[source] hyper::Error),
+    /// The request is not acceptable.
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    /// A broken internal invariant; never expected.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
+
+impl ProxyError {
+    /// The status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::NoRoute {
+                absolute_form: true,
+            } => StatusCode::FORBIDDEN,
+            Self::NoRoute { .. } => StatusCode::NOT_FOUND,
+            Self::Auth { source, .. } => match **source {
+                AuthError::Rejected { .. } => StatusCode::BAD_GATEWAY,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            },
+            Self::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::ClientBody(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable `kind` of DESIGN.md.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::NoRoute { .. } => "no_route",
+            Self::Auth { source, .. } => match **source {
+                AuthError::Rejected { .. } => "auth_rejected",
+                _ => "auth_unavailable",
+            },
+            Self::UpstreamUnreachable(_) => "upstream_unreachable",
+            Self::UpstreamTimeout(_) => "upstream_timeout",
+            Self::BodyTooLarge { .. } => "body_too_large",
+            Self::ClientBody(_) | Self::BadRequest(_) => "bad_request",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    /// The JSON response for this error: `kind`, a message and, for auth rejections, the auth
+    /// server's code, message and logUUID. Never a secret, a token or upstream text.
+    pub fn into_response(self) -> Response<ResponseBody> {
+        let status = self.status();
+        let kind = self.kind();
+        let mut body = serde_json::json!({ "kind": kind, "message": self.to_string() });
+        if let Self::Auth { credential, source } = &self {
+            body["credential"] = credential.as_ref().into();
+            if let AuthError::Rejected {
+                code,
+                message,
+                log_uuid,
+            } = &**source
+            {
+                body["auth_code"] = code.code().into();
+                body["auth_message"] = message.as_str().into();
+                body["auth_log_uuid"] = log_uuid.as_deref().into();
+            }
+        }
+        let mut response = Response::new(ResponseBody::local(Bytes::from(body.to_string())));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(ERROR_HEADER, HeaderValue::from_static(kind));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(RETRY_AFTER, HeaderValue::from(AUTH_RETRY_AFTER_SECS));
+        }
+        response
+    }
+}
+
+/// Displays an error with its chain of sources, `outer: inner: root`.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,38 @@
+//! tokengate: an authenticating reverse proxy and egress gateway.
+//!
+//! Legacy applications send plain HTTP; tokengate obtains a token through the provider's signed,
+//! encrypted exchange, keeps it fresh, injects `Authorization: Bearer`, forwards the request and
+//! replays it once with a fresh token on 401.
+//!
+//! Where things live:
+//!
+//! - [`config`]: `proxy.toml`, its defaults and validation.
+//! - [`server`]: the [`Gateway`] built from a config, listeners, accept loop, shutdown.
+//! - [`stack`]: the request path, assembled in one place. Its layers, outside-in:
+//!   [`rescue`] (errors → JSON), [`route`] (match, rewrite, hop-by-hop), [`body`] (replayable
+//!   bodies), [`retry`] (once on 401), [`auth::inject`] (bearer), [`upstream`] (pooled client).
+//! - [`error`]: every request-path error and the one place it becomes a response.
+//! - [`auth`]: the exchange ([`auth::exchange`], [`auth::crypto`]), [`auth::token`] and the
+//!   token cache ([`auth::cache`]).
+//! - [`admin`]: `/healthz`, `/readyz`.
+//! - [`tls`]: outbound rustls roots; [`hop`]: hop-by-hop headers.
+//! - [`sandbox`]: a real auth server and upstream for the demo and the tests; [`demo`].
+
+pub mod admin;
+pub mod auth;
+pub mod body;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod hop;
+pub mod rescue;
+pub mod retry;
+pub mod route;
+pub mod sandbox;
+pub mod server;
+pub mod stack;
+pub mod tls;
+pub mod upstream;
+
+pub use config::Config;
+pub use server::{Gateway, Running};

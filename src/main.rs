@@ -1,0 +1,209 @@
+//! The `tokengate` command line: `run`, `check`, `token`, `demo`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokengate::config::{Config, ConfigError, ProcessEnv, SecretSource};
+use tokengate::{Gateway, demo};
+
+#[derive(Parser)]
+#[command(
+    name = "tokengate",
+    version,
+    about = "Authenticating reverse proxy and egress gateway"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the proxy and the admin endpoints.
+    Run {
+        /// The configuration file.
+        #[arg(long, env = "TOKENGATE_CONFIG", default_value = "./proxy.toml")]
+        config: PathBuf,
+    },
+    /// Load, validate and resolve secrets; print a summary without secrets.
+    Check {
+        /// The configuration file.
+        #[arg(long, env = "TOKENGATE_CONFIG", default_value = "./proxy.toml")]
+        config: PathBuf,
+    },
+    /// Run one exchange for credential NAME and print expiry, age and logUUID.
+    Token {
+        /// The configuration file.
+        #[arg(long, env = "TOKENGATE_CONFIG", default_value = "./proxy.toml")]
+        config: PathBuf,
+        /// The credential to exchange for.
+        name: String,
+        /// Also print the token itself.
+        #[arg(long)]
+        show: bool,
+    },
+    /// A built-in sandbox auth server and echo upstream with the proxy in front; Ctrl-C stops.
+    Demo {
+        /// Where the proxy listens.
+        #[arg(long, default_value = demo::DEFAULT_LISTEN)]
+        listen: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tokengate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run { config } => run(&config).await,
+            Command::Check { config } => check(&config),
+            Command::Token { config, name, show } => token(&config, &name, show).await,
+            Command::Demo { listen } => demo::run(listen).await.map_err(|e| e.to_string()),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("tokengate: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Pretty => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load(path: &Path) -> Result<Gateway, ConfigError> {
+    let config = Config::load(path)?;
+    Gateway::new(config, &path.display().to_string(), &ProcessEnv)
+}
+
+async fn run(path: &Path) -> Result<(), String> {
+    let gateway = load(path).map_err(|e| e.to_string())?;
+    let running = gateway
+        .start()
+        .await
+        .map_err(|e| format!("cannot listen: {e}"))?;
+    shutdown_signal().await;
+    tracing::info!("shutting down; draining in-flight requests");
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn check(path: &Path) -> Result<(), String> {
+    let gateway = load(path).map_err(|e| e.to_string())?;
+    let c = gateway.config();
+    let source = |s: &SecretSource| match s {
+        SecretSource::Env(var) => format!("env {var}"),
+        SecretSource::File(p) => format!("file {}", p.display()),
+    };
+    println!("{}: ok", path.display());
+    println!(
+        "server  listen {}  max_replay_body {}  request_timeout {}  header_read_timeout {}",
+        c.server.listen,
+        c.server.max_replay_body,
+        humantime::format_duration(c.server.request_timeout),
+        humantime::format_duration(c.server.header_read_timeout)
+    );
+    println!("admin   listen {}", c.admin.listen);
+    for (name, cred) in &c.credentials {
+        println!(
+            "credential {name}  {}  agent {}  secret from {}  key {}  signature {:?}  layout {:?}  refresh_before {}  timeout {}",
+            cred.auth_url.0,
+            cred.agent_id,
+            source(&cred.secret),
+            cred.encryption_key
+                .as_ref()
+                .map_or("SHA-256(secret)".into(), |k| format!("from {}", source(k))),
+            cred.signature,
+            cred.cipher_text_layout,
+            humantime::format_duration(cred.refresh_before),
+            humantime::format_duration(cred.timeout),
+        );
+    }
+    for (i, r) in c.routes.iter().enumerate() {
+        println!(
+            "routes[{i}]  host {}  path_prefix {}  -> {}  credential {}  strip_prefix {}  client_authorization {:?}",
+            r.host.as_deref().unwrap_or("*"),
+            r.path_prefix,
+            r.upstream.0,
+            r.credential,
+            r.strip_prefix,
+            r.client_authorization,
+        );
+    }
+    Ok(())
+}
+
+async fn token(path: &Path, name: &str, show: bool) -> Result<(), String> {
+    let gateway = load(path).map_err(|e| e.to_string())?;
+    let source = gateway
+        .credential(name)
+        .ok_or_else(|| format!("{}: credentials.{name}: no such credential", path.display()))?;
+    let token = source
+        .exchange_once()
+        .await
+        .map_err(|e| format!("credential {name}: {}", tokengate::error::Chain(&e)))?;
+    let now = Instant::now();
+    println!("credential  {name}");
+    println!(
+        "expires_in  {}",
+        humantime::format_duration(round(token.expires_at().saturating_duration_since(now)))
+    );
+    println!(
+        "age         {}",
+        humantime::format_duration(round(now - token.obtained_at()))
+    );
+    println!("log_uuid    {}", token.log_uuid().unwrap_or("-"));
+    if show {
+        println!("token       {}", token.expose());
+    }
+    Ok(())
+}
+
+fn round(d: std::time::Duration) -> std::time::Duration {
+    std::time::Duration::from_millis(d.as_millis() as u64)
+}

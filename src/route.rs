@@ -1,0 +1,293 @@
+//! Routing: pick the first route matching host and path, rewrite the URI onto its upstream,
+//! strip hop-by-hop headers and apply the route's `client_authorization` policy.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::header::{AUTHORIZATION, HOST};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Uri, Version};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use tower::{Layer, Service};
+
+use crate::auth::cache::TokenSource;
+use crate::error::ProxyError;
+use crate::upstream::UpstreamClient;
+
+/// What to do with an `Authorization` header the client sent itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientAuthorization {
+    /// Drop the client's header and inject the credential's token (the default).
+    #[default]
+    Replace,
+    /// Forward the client's header as it is and inject nothing; no retry on 401.
+    Keep,
+    /// Refuse the request with 400 `bad_request`.
+    Reject,
+}
+
+/// One route, ready to serve.
+pub struct Route {
+    /// Where it stands in the config, e.g. `routes[0]`, for logs and metrics.
+    pub name: String,
+    host: Option<String>,
+    path_prefix: String,
+    scheme: Scheme,
+    authority: Authority,
+    base_path: String,
+    strip_prefix: bool,
+    client_authorization: ClientAuthorization,
+    /// The token source of the route's credential.
+    pub credential: TokenSource,
+    /// The pooled client for the route's upstream.
+    pub client: UpstreamClient,
+}
+
+/// How a [`Route`] is described.
+pub struct RouteSpec {
+    /// The route's name, e.g. `routes[0]`.
+    pub name: String,
+    /// Host to match (lowercase; with a port, matched exactly), or any host.
+    pub host: Option<String>,
+    /// Path prefix to match (plain string prefix, like Envoy's `prefix`).
+    pub path_prefix: String,
+    /// The upstream base URL, `http(s)://authority[/base]`.
+    pub upstream: Uri,
+    /// Remove `path_prefix` before appending the path to the upstream's base path.
+    pub strip_prefix: bool,
+    /// The policy for a client's own `Authorization`.
+    pub client_authorization: ClientAuthorization,
+    /// The credential's token source.
+    pub credential: TokenSource,
+    /// The client for the upstream.
+    pub client: UpstreamClient,
+}
+
+impl Route {
+    /// Builds a route; `None` if `upstream` lacks a scheme or authority.
+    pub fn new(spec: RouteSpec) -> Option<Self> {
+        let base = spec.upstream.path().trim_end_matches('/').to_owned();
+        Some(Self {
+            name: spec.name,
+            host: spec.host.map(|h| h.to_ascii_lowercase()),
+            path_prefix: spec.path_prefix,
+            scheme: spec.upstream.scheme()?.clone(),
+            authority: spec.upstream.authority()?.clone(),
+            base_path: base,
+            strip_prefix: spec.strip_prefix,
+            client_authorization: spec.client_authorization,
+            credential: spec.credential,
+            client: spec.client,
+        })
+    }
+
+    fn matches(&self, host: Option<&str>, path: &str) -> bool {
+        let host_ok = match (&self.host, host) {
+            (None, _) => true,
+            (Some(want), Some(got)) if want.contains(':') => want.eq_ignore_ascii_case(got),
+            (Some(want), Some(got)) => want.eq_ignore_ascii_case(strip_port(got)),
+            (Some(_), None) => false,
+        };
+        host_ok && path.starts_with(&self.path_prefix)
+    }
+
+    /// The upstream URI for a request to `path_and_query`.
+    fn rewrite(&self, pq: &PathAndQuery) -> Result<Uri, http::Error> {
+        let path = pq.path();
+        let rest = if self.strip_prefix {
+            &path[self.path_prefix.len().min(path.len())..]
+        } else {
+            path
+        };
+        let mut out = String::with_capacity(
+            self.base_path.len() + rest.len() + 1 + pq.query().map_or(0, |q| q.len() + 1),
+        );
+        out.push_str(&self.base_path);
+        if !rest.starts_with('/') {
+            out.push('/');
+        }
+        out.push_str(rest);
+        if let Some(q) = pq.query() {
+            out.push('?');
+            out.push_str(q);
+        }
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(out)
+            .build()
+    }
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Route")
+            .field("name", &self.name)
+            .field("host", &self.host)
+            .field("path_prefix", &self.path_prefix)
+            .field(
+                "upstream",
+                &format_args!("{}://{}{}", self.scheme, self.authority, self.base_path),
+            )
+            .field("credential", self.credential.name())
+            .finish_non_exhaustive()
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    match host.rsplit_once(':') {
+        Some((h, port)) if !h.ends_with(']') || host.starts_with('[') => {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                host
+            }
+        }
+        _ => host,
+    }
+}
+
+/// The route table: first match wins.
+#[derive(Debug, Default)]
+pub struct Routes(Vec<Arc<Route>>);
+
+impl Routes {
+    /// A table of `routes`, in order.
+    pub fn new(routes: Vec<Route>) -> Self {
+        Self(routes.into_iter().map(Arc::new).collect())
+    }
+
+    /// The first route matching `host` (port optional) and `path`.
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
+        self.0.iter().find(|r| r.matches(host, path))
+    }
+
+    /// All routes, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.0.iter()
+    }
+}
+
+/// The route a request was matched to, carried in its extensions.
+#[derive(Debug, Clone)]
+pub struct RouteCtx {
+    /// The matched route.
+    pub route: Arc<Route>,
+    /// Whether the credential's token is injected (false when a client's own header is kept).
+    pub inject: bool,
+}
+
+/// Matches each request to a route; see the module docs.
+#[derive(Debug, Clone)]
+pub struct RouteLayer {
+    routes: Arc<Routes>,
+}
+
+impl RouteLayer {
+    /// Routes requests over `routes`.
+    pub fn new(routes: Arc<Routes>) -> Self {
+        Self { routes }
+    }
+}
+
+impl<S> Layer<S> for RouteLayer {
+    type Service = RouteService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RouteService {
+            inner,
+            routes: self.routes.clone(),
+        }
+    }
+}
+
+/// See [`RouteLayer`].
+#[derive(Debug, Clone)]
+pub struct RouteService<S> {
+    inner: S,
+    routes: Arc<Routes>,
+}
+
+impl<S> Service<Request<Incoming>> for RouteService<S>
+where
+    S: Service<Request<Incoming>, Error = ProxyError>,
+{
+    type Response = S::Response;
+    type Error = ProxyError;
+    type Future = futures_util::future::Either<
+        std::future::Ready<Result<S::Response, ProxyError>>,
+        S::Future,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        use futures_util::future::Either;
+        match route_request(&self.routes, &mut req) {
+            Ok(()) => Either::Right(self.inner.call(req)),
+            Err(e) => Either::Left(std::future::ready(Err(e))),
+        }
+    }
+}
+
+/// Matches `req` to a route and rewrites it for the upstream, in place.
+pub fn route_request<B>(routes: &Routes, req: &mut Request<B>) -> Result<(), ProxyError> {
+    // HTTP/1 absolute-form (`GET http://host/x`) is how an HTTP_PROXY client speaks; HTTP/2
+    // always carries :authority, so there only the scheme-less origin form exists.
+    let absolute_form = req.version() < Version::HTTP_2 && req.uri().scheme().is_some();
+    let host = match req.uri().authority() {
+        Some(a) => Some(a.as_str()),
+        None => req.headers().get(HOST).and_then(|h| h.to_str().ok()),
+    };
+    let path = req.uri().path();
+    let route = routes
+        .find(host, path)
+        .ok_or(ProxyError::NoRoute { absolute_form })?
+        .clone();
+
+    let has_client_auth = req.headers().contains_key(AUTHORIZATION);
+    let inject = match route.client_authorization {
+        ClientAuthorization::Reject if has_client_auth => {
+            return Err(ProxyError::BadRequest(
+                "client Authorization refused by route policy",
+            ));
+        }
+        ClientAuthorization::Keep if has_client_auth => false,
+        _ => true,
+    };
+
+    let pq = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *req.uri_mut() = route
+        .rewrite(&pq)
+        .map_err(|_| ProxyError::BadRequest("path cannot be rewritten onto the upstream"))?;
+    let headers = req.headers_mut();
+    crate::hop::strip(headers);
+    // The client set Host for tokengate; the upstream client sets it from the new URI.
+    headers.remove(HOST);
+    if inject {
+        headers.remove(AUTHORIZATION);
+    }
+    req.extensions_mut().insert(RouteCtx { route, inject });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strip_port_handles_names_and_ipv6() {
+        assert_eq!(strip_port("api.example.com:8443"), "api.example.com");
+        assert_eq!(strip_port("api.example.com"), "api.example.com");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+    }
+}

@@ -1,0 +1,158 @@
+//! A sandbox of the provider: an auth server that really verifies and decrypts, and an upstream
+//! that really checks the tokens it issued. The demo runs on it, and so do the tests.
+
+pub mod auth;
+pub mod upstream;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use http::{Request, Response};
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use sha2::Sha256;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// The body type of sandbox responses.
+pub type SandboxBody = BoxBody<Bytes, Infallible>;
+
+/// The claims of a sandbox token.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Claims {
+    /// The agent the token was issued to.
+    pub sub: String,
+    /// A unique id, so tokens can be revoked one by one.
+    pub jti: String,
+    /// Issued at, Unix seconds.
+    pub iat: u64,
+    /// Expires at, Unix seconds (JWT `exp`).
+    pub exp: u64,
+    /// Expires at, Unix milliseconds (exact, for the upstream's check).
+    pub exp_ms: u64,
+}
+
+/// Why a sandbox token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum JwtError {
+    /// Not three base64url parts with valid JSON.
+    #[error("malformed token")]
+    Malformed,
+    /// The HS256 signature does not verify.
+    #[error("bad signature")]
+    Signature,
+    /// Past `exp_ms`.
+    #[error("expired")]
+    Expired,
+}
+
+/// The HS256 key shared by the sandbox auth server (signs) and upstream (verifies).
+#[derive(Clone)]
+pub struct JwtKey(Arc<[u8; 32]>);
+
+impl JwtKey {
+    /// A fresh random key.
+    pub fn random() -> Self {
+        Self(Arc::new(rand::random()))
+    }
+
+    fn mac(&self) -> Hmac<Sha256> {
+        <Hmac<Sha256> as Mac>::new_from_slice(self.0.as_slice()).expect("any key length")
+    }
+
+    /// Signs `claims` as an HS256 JWT.
+    pub fn sign(&self, claims: &Claims) -> String {
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).expect("claims serialize"));
+        let signing_input = format!("{header}.{payload}");
+        let mut mac = self.mac();
+        mac.update(signing_input.as_bytes());
+        let sig = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        format!("{signing_input}.{sig}")
+    }
+
+    /// Verifies signature and expiry (millisecond precision) of `token`.
+    pub fn verify(&self, token: &str) -> Result<Claims, JwtError> {
+        let (signing_input, sig) = token.rsplit_once('.').ok_or(JwtError::Malformed)?;
+        let sig = URL_SAFE_NO_PAD
+            .decode(sig)
+            .map_err(|_| JwtError::Malformed)?;
+        let mut mac = self.mac();
+        mac.update(signing_input.as_bytes());
+        mac.verify_slice(&sig).map_err(|_| JwtError::Signature)?;
+        let payload = signing_input.split('.').nth(1).ok_or(JwtError::Malformed)?;
+        let json = URL_SAFE_NO_PAD
+            .decode(payload)
+            .map_err(|_| JwtError::Malformed)?;
+        let claims: Claims = serde_json::from_slice(&json).map_err(|_| JwtError::Malformed)?;
+        if unix_ms() >= claims.exp_ms {
+            return Err(JwtError::Expired);
+        }
+        Ok(claims)
+    }
+}
+
+impl std::fmt::Debug for JwtKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JwtKey([REDACTED])")
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+/// A sandbox server running until dropped.
+#[derive(Debug)]
+pub struct Handle {
+    addr: std::net::SocketAddr,
+    _stop: watch::Sender<bool>,
+}
+
+impl Handle {
+    /// Where it listens.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+}
+
+/// Serves `handler` on `listener` until the returned handle is dropped.
+fn spawn<F, Fut>(listener: TcpListener, handler: F) -> std::io::Result<Handle>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<SandboxBody>> + Send + 'static,
+{
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = watch::channel(false);
+    let service = tower::service_fn(move |req| {
+        let handler = handler.clone();
+        async move { Ok::<_, Infallible>(handler(req).await) }
+    });
+    let http = Arc::new(hyper_util::server::conn::auto::Builder::new(
+        hyper_util::rt::TokioExecutor::new(),
+    ));
+    tokio::spawn(crate::server::serve(listener, service, http, stopped));
+    Ok(Handle { addr, _stop: stop })
+}
+
+fn full(bytes: impl Into<Bytes>) -> SandboxBody {
+    use http_body_util::BodyExt;
+    http_body_util::Full::new(bytes.into()).boxed()
+}
+
+fn json_response(status: http::StatusCode, body: &serde_json::Value) -> Response<SandboxBody> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(full(body.to_string()))
+        .expect("static parts are valid")
+}
