@@ -467,6 +467,31 @@ credential = "partner"
     }
 
     #[test]
+    fn shipped_proxy_toml_is_valid_and_uses_the_defaults() {
+        let text = include_str!("../proxy.toml");
+        let c = Config::parse(text, "proxy.toml").unwrap();
+        assert_eq!(c.server.listen, ServerConfig::default().listen);
+        assert_eq!(c.admin.listen, AdminConfig::default().listen);
+        assert_eq!(c.routes[0].credential, "partner");
+        // Every commented key is a real key: uncommenting them all still parses.
+        let uncommented = text.replace("# max_replay_body", "max_replay_body")
+            .replace("# request_timeout", "request_timeout")
+            .replace("# header_read_timeout", "header_read_timeout")
+            .replace("# encryption_key", "encryption_key")
+            .replace("# signature", "signature")
+            .replace("# cipher_text_layout", "cipher_text_layout")
+            .replace("# refresh_before", "refresh_before")
+            .replace("# timeout", "timeout")
+            .replace("# ca_file", "ca_file")
+            .replace("# host", "host")
+            .replace("# strip_prefix", "strip_prefix")
+            .replace("# client_authorization", "client_authorization");
+        let c = Config::parse(&uncommented, "proxy.toml").unwrap();
+        assert_eq!(c.routes[0].host.as_deref(), Some("api.example.com"));
+        assert!(c.credentials["partner"].encryption_key.is_some());
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let e = problem(&GOOD.replace("credential = \"partner\"", "credential = \"nope\""));
         assert_eq!(e.key, "routes[0].credential");

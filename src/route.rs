@@ -268,6 +268,8 @@ pub fn route_request<B>(routes: &Routes, req: &mut Request<B>) -> Result<(), Pro
     *req.uri_mut() = route
         .rewrite(&pq)
         .map_err(|_| ProxyError::BadRequest("path cannot be rewritten onto the upstream"))?;
+    // The version is per hop: the upstream connection negotiates its own (h2 by ALPN on https).
+    *req.version_mut() = Version::HTTP_11;
     let headers = req.headers_mut();
     crate::hop::strip(headers);
     // The client set Host for tokengate; the upstream client sets it from the new URI.

@@ -1,0 +1,169 @@
+//! The `tokengate` binary: `check`, `token` and `demo` as a user runs them.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokengate::sandbox::JwtKey;
+use tokengate::sandbox::auth::{Agent, AuthState};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tokengate");
+const SECRET: &str = "cli-secret-0x5eed";
+
+fn config(auth_url: &str, credential: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[credentials.partner]
+auth_url = "{auth_url}"
+agent_id = "integratorCli01"
+secret = {{ env = "PARTNER_SECRET" }}
+[[routes]]
+upstream = "https://api.example.com"
+credential = "{credential}"
+"#
+    )
+}
+
+async fn tokengate(args: &[&str], config_text: &str) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, config_text).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .arg("--config")
+        .arg(&path)
+        .env("PARTNER_SECRET", SECRET)
+        .env("RUST_LOG", "trace");
+    let out = cmd.output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    (
+        out.status.code().unwrap_or(-1),
+        stdout,
+        stderr.replace(&path.display().to_string(), "FILE"),
+    )
+}
+
+#[tokio::test]
+async fn check_names_the_file_key_and_unknown_credential() {
+    let (code, _, stderr) = tokengate(
+        &["check"],
+        &config("https://auth.example.com/v2/auth", "nope"),
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("FILE: routes[0].credential: unknown credential `nope`"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn check_refuses_inline_secrets_and_bad_values_by_key() {
+    let inline = config("https://auth.example.com/v2/auth", "partner")
+        .replace("{ env = \"PARTNER_SECRET\" }", "\"hunter2\"");
+    let (code, _, stderr) = tokengate(&["check"], &inline).await;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("credentials.partner.secret"), "{stderr}");
+    assert!(!stderr.contains("hunter2"));
+
+    let (code, _, stderr) = tokengate(&["check"], &config("not a url", "partner")).await;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("credentials.partner.auth_url"), "{stderr}");
+
+    let bad_duration = config("https://auth.example.com/v2/auth", "partner")
+        .replace("[server]", "[server]\nrequest_timeout = \"ten seconds\"");
+    let (code, _, stderr) = tokengate(&["check"], &bad_duration).await;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("server.request_timeout"), "{stderr}");
+}
+
+#[tokio::test]
+async fn check_prints_a_summary_without_secrets() {
+    let (code, stdout, stderr) = tokengate(
+        &["check"],
+        &config("https://auth.example.com/v2/auth", "partner"),
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("credential partner"), "{stdout}");
+    assert!(
+        stdout.contains("secret from env PARTNER_SECRET"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("routes[0]"), "{stdout}");
+    assert!(!stdout.contains(SECRET) && !stderr.contains(SECRET));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_runs_one_exchange_and_shows_the_token_only_when_asked() {
+    let auth = AuthState::new(
+        vec![Agent::new("integratorCli01", SECRET)],
+        JwtKey::random(),
+        600,
+    );
+    let server = auth
+        .serve(TcpListener::bind("127.0.0.1:0").await.unwrap())
+        .unwrap();
+    let text = config(&format!("http://{}/v2/auth", server.addr()), "partner");
+
+    let (code, stdout, stderr) = tokengate(&["token", "partner"], &text).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("expires_in"), "{stdout}");
+    assert!(stdout.contains("age"), "{stdout}");
+    assert!(stdout.contains("log_uuid"), "{stdout}");
+    assert!(
+        !stdout.contains("token  "),
+        "no token without --show: {stdout}"
+    );
+    assert!(!stdout.contains("eyJ") && !stderr.contains("eyJ"));
+
+    let (code, stdout, _) = tokengate(&["token", "partner", "--show"], &text).await;
+    assert_eq!(code, 0);
+    assert!(stdout.contains("token       eyJ"), "{stdout}");
+    assert_eq!(auth.issued(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_prints_a_curl_line_that_returns_the_injected_bearer() {
+    let mut child = Command::new(BIN)
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.trim().strip_prefix("curl -s ") {
+                return rest.to_owned();
+            }
+        }
+        panic!("the demo printed no curl line");
+    })
+    .await
+    .expect("the demo starts");
+
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let response = client.get(url.parse().unwrap()).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(
+        echo["headers"]["authorization"]
+            .as_str()
+            .unwrap()
+            .starts_with("Bearer ey"),
+        "{echo}"
+    );
+    child.kill().await.unwrap();
+}

@@ -1,0 +1,201 @@
+//! Test harness: a real sandbox auth server, a real sandbox upstream and the gateway, all on
+//! `127.0.0.1:0`, plus a small HTTP client.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::TokioExecutor;
+use tokengate::sandbox::auth::{Agent, AuthState};
+use tokengate::sandbox::upstream::UpstreamState;
+use tokengate::sandbox::{Handle, JwtKey};
+use tokengate::{Config, Gateway, Running};
+use tokio::net::TcpListener;
+
+pub const AGENT: &str = "integratorNBTest01";
+pub const SECRET: &str = "sandbox-secret-Zq81vN3d";
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type TestBody = BoxBody<Bytes, BoxError>;
+
+/// What to vary in a test's setup.
+pub struct Setup {
+    /// Token lifetime the auth server grants.
+    pub expires_in: u64,
+    /// The agent id in the proxy's config (an unknown one gets code 10).
+    pub agent_id: String,
+    /// `server.max_replay_body`.
+    pub max_replay_body: usize,
+    /// Extra lines for `[credentials.partner]`.
+    pub credential_extra: String,
+    /// Extra `[[routes]]` tables placed before the default catch-all route.
+    pub routes_before: String,
+    /// Extra lines for the default route.
+    pub route_extra: String,
+    /// Extra environment variables the config may name.
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            expires_in: 3600,
+            agent_id: AGENT.into(),
+            max_replay_body: 64 * 1024,
+            credential_extra: String::new(),
+            routes_before: String::new(),
+            route_extra: String::new(),
+            env: Vec::new(),
+        }
+    }
+}
+
+pub struct Harness {
+    pub auth: Arc<AuthState>,
+    pub upstream: Arc<UpstreamState>,
+    pub auth_addr: SocketAddr,
+    pub upstream_addr: SocketAddr,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub gateway: Gateway,
+    pub running: Option<Running>,
+    auth_server: Option<Handle>,
+    _upstream_server: Handle,
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        Self::with(Setup::default()).await
+    }
+
+    pub async fn with(setup: Setup) -> Self {
+        let jwt = JwtKey::random();
+        let auth = AuthState::new(
+            vec![Agent::new(AGENT, SECRET)],
+            jwt.clone(),
+            setup.expires_in,
+        );
+        let auth_server = auth
+            .serve(TcpListener::bind("127.0.0.1:0").await.unwrap())
+            .unwrap();
+        let upstream = UpstreamState::new(jwt);
+        let upstream_server = upstream
+            .serve(TcpListener::bind("127.0.0.1:0").await.unwrap())
+            .unwrap();
+        let text = format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+max_replay_body = {max_replay_body}
+
+[admin]
+listen = "127.0.0.1:0"
+
+[credentials.partner]
+auth_url = "http://{auth}/v2/auth"
+agent_id = "{agent}"
+secret = {{ env = "PARTNER_SECRET" }}
+{credential_extra}
+
+{routes_before}
+
+[[routes]]
+upstream = "http://{upstream}"
+credential = "partner"
+{route_extra}
+"#,
+            max_replay_body = setup.max_replay_body,
+            auth = auth_server.addr(),
+            agent = setup.agent_id,
+            credential_extra = setup.credential_extra,
+            routes_before = setup
+                .routes_before
+                .replace("{upstream}", &upstream_server.addr().to_string()),
+            upstream = upstream_server.addr(),
+            route_extra = setup.route_extra,
+        );
+        let config = Config::parse(&text, "test.toml").unwrap();
+        let mut env = BTreeMap::from([("PARTNER_SECRET".to_owned(), SECRET.to_owned())]);
+        env.extend(setup.env);
+        let gateway = Gateway::new(config, "test.toml", &env).unwrap();
+        let running = gateway.start().await.unwrap();
+        Self {
+            auth_addr: auth_server.addr(),
+            upstream_addr: upstream_server.addr(),
+            proxy: running.proxy_addr(),
+            admin: running.admin_addr(),
+            auth,
+            upstream,
+            gateway,
+            running: Some(running),
+            auth_server: Some(auth_server),
+            _upstream_server: upstream_server,
+        }
+    }
+
+    /// Stops the auth server: its port refuses connections from now on.
+    pub async fn stop_auth(&mut self) {
+        self.auth_server = None;
+        // The listener closes once the serve loop sees the stop signal.
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(self.auth_addr)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("auth server did not stop");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.proxy, path)
+    }
+
+    /// One successful request, so the cache is warm.
+    pub async fn warm(&self, client: &Client<HttpConnector, TestBody>) {
+        let (status, _, _) = send(client, get(&self.url("/warm"))).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+}
+
+pub fn client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn full(bytes: impl Into<Bytes>) -> TestBody {
+    Full::new(bytes.into()).map_err(|e| match e {}).boxed()
+}
+
+pub fn get(url: &str) -> Request<TestBody> {
+    Request::get(url).body(full(Bytes::new())).unwrap()
+}
+
+pub async fn send(
+    client: &Client<HttpConnector, TestBody>,
+    req: Request<TestBody>,
+) -> (StatusCode, HeaderMap, Bytes) {
+    let response = client
+        .request(req)
+        .await
+        .expect("request reaches the proxy");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body arrives")
+        .to_bytes();
+    (status, headers, body)
+}
+
+pub fn json(body: &Bytes) -> serde_json::Value {
+    serde_json::from_slice(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}"))
+}

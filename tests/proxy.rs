@@ -1,0 +1,499 @@
+//! End-to-end behaviour of the proxy against the real sandbox auth server and upstream.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody};
+use sha2::{Digest, Sha256};
+use tokengate::sandbox::auth::Fault;
+use tokengate::sandbox::upstream::pattern;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_cache_200_concurrent_requests_make_exactly_one_exchange() {
+    let h = Harness::start().await;
+    let client = client();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        let client = client.clone();
+        let url = h.url(&format!("/cold/{i}"));
+        tasks.spawn(async move { send(&client, get(&url)).await.0 });
+    }
+    let statuses: Vec<StatusCode> = tasks.join_all().await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    assert_eq!(statuses.len(), 200);
+    assert_eq!(h.auth.requests(), 1, "exchanges sent to the auth server");
+    assert_eq!(h.auth.issued(), 1);
+    assert_eq!(h.upstream.requests(), 200);
+    assert_eq!(h.upstream.unauthorized(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_token_replays_a_10k_post_byte_for_byte_with_one_new_exchange() {
+    let h = Harness::start().await;
+    let client = client();
+    h.warm(&client).await;
+    assert_eq!(h.auth.requests(), 1);
+    h.upstream.revoke_seen();
+
+    let body: Vec<u8> = (0..10 * 1024).map(|_| rand::random::<u8>()).collect();
+    let req = Request::post(h.url("/orders"))
+        .header("content-type", "application/octet-stream")
+        .body(full(body.clone()))
+        .unwrap();
+    let (status, _, echo) = send(&client, req).await;
+    assert_eq!(status, StatusCode::OK, "{echo:?}");
+    assert_eq!(
+        json(&echo)["body_sha256"],
+        hex::encode(Sha256::digest(&body))
+    );
+
+    let log = h.upstream.log();
+    let posts: Vec<_> = log.iter().filter(|s| s.target == "POST /orders").collect();
+    assert_eq!(posts.len(), 2, "one 401, one replay: {log:?}");
+    assert_eq!(posts[0].status, 401);
+    assert_eq!(posts[1].status, 200);
+    assert_eq!(posts[0].body.as_ref(), body.as_slice());
+    assert_eq!(
+        posts[1].body.as_ref(),
+        body.as_slice(),
+        "replayed byte for byte"
+    );
+    assert_eq!(h.upstream.unauthorized(), 1);
+    assert_eq!(h.auth.requests(), 2, "exactly one new exchange");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_that_always_answers_401_is_tried_twice_with_one_new_exchange() {
+    let h = Harness::start().await;
+    let client = client();
+    h.warm(&client).await;
+    let (exchanges, attempts) = (h.auth.requests(), h.upstream.requests());
+    h.upstream.set_always_401(true);
+
+    let (status, _, body) = send(&client, get(&h.url("/always"))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        json(&body)["error"],
+        "this upstream refuses everything",
+        "the upstream's own 401"
+    );
+    assert_eq!(
+        h.upstream.requests() - attempts,
+        2,
+        "exactly two upstream attempts"
+    );
+    assert_eq!(h.auth.requests() - exchanges, 1, "exactly one new exchange");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_requests_on_a_revoked_token_share_one_exchange() {
+    let h = Harness::start().await;
+    let client = client();
+    h.warm(&client).await;
+    h.upstream.revoke_seen();
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let client = client.clone();
+        let url = h.url(&format!("/revoked/{i}"));
+        tasks.spawn(async move { send(&client, get(&url)).await.0 });
+    }
+    let statuses: Vec<StatusCode> = tasks.join_all().await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    assert_eq!(h.auth.requests(), 2, "the warm-up and exactly one renewal");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_second_tokens_renew_in_the_background_and_never_reach_upstream_expired() {
+    let h = Harness::with(Setup {
+        expires_in: 3,
+        ..Setup::default()
+    })
+    .await;
+    let client = client();
+    let mut interval = tokio::time::interval(Duration::from_millis(500));
+    for i in 0..10 {
+        interval.tick().await;
+        let (status, _, body) = send(&client, get(&h.url(&format!("/tick/{i}")))).await;
+        assert_eq!(status, StatusCode::OK, "request {i}: {body:?}");
+    }
+    assert_eq!(
+        h.upstream.expired_seen(),
+        0,
+        "the upstream saw an expired token"
+    );
+    assert_eq!(
+        h.upstream.unauthorized(),
+        0,
+        "no request needed a 401 replay"
+    );
+    assert!(
+        h.auth.issued() >= 2,
+        "tokens were renewed: {}",
+        h.auth.issued()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_body_over_max_replay_body_is_not_buffered_and_not_replayed() {
+    let h = Harness::start().await;
+    let client = client();
+    h.warm(&client).await;
+    h.upstream.revoke_seen();
+    let (exchanges, attempts) = (h.auth.requests(), h.upstream.requests());
+
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed();
+    let req = Request::post(h.url("/big")).body(body).unwrap();
+    let response = tokio::spawn({
+        let client = client.clone();
+        async move { send(&client, req).await }
+    });
+
+    let first = vec![b'a'; 100 * 1024]; // already more than max_replay_body (64 KiB)
+    tx.send(Ok(Frame::data(Bytes::from(first)))).await.unwrap();
+    // The rest is held back until the upstream has received the first part: a proxy that
+    // buffered the whole body would never forward it, and this wait would fail.
+    let before = h.upstream.body_bytes();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        h.upstream.wait_body_bytes(before + 100 * 1024),
+    )
+    .await
+    .expect("the upstream received the body's start before its end was sent");
+    tx.send(Ok(Frame::data(Bytes::from(vec![b'b'; 100 * 1024]))))
+        .await
+        .unwrap();
+    drop(tx);
+
+    let (status, _, _) = response.await.unwrap();
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "not replayable, so the 401 goes to the client"
+    );
+    assert_eq!(h.upstream.requests() - attempts, 1, "no replay");
+    assert_eq!(
+        h.auth.requests(),
+        exchanges,
+        "no exchange for a request that cannot be replayed"
+    );
+    // The revoked token was dropped: the next request gets a fresh one.
+    let (status, _, _) = send(&client, get(&h.url("/after"))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(h.auth.requests(), exchanges + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_upload_and_10_mib_download_arrive_intact() {
+    let h = Harness::start().await;
+    let client = client();
+
+    let upload: Vec<u8> = (0..1024 * 1024 + 123)
+        .map(|_| rand::random::<u8>())
+        .collect();
+    let chunks: Vec<Result<Frame<Bytes>, BoxError>> = upload
+        .chunks(7919)
+        .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+        .collect();
+    let body = StreamBody::new(tokio_stream::iter(chunks)).boxed();
+    let req = Request::put(h.url("/upload")).body(body).unwrap();
+    let (status, _, echo) = send(&client, req).await;
+    assert_eq!(status, StatusCode::OK);
+    let echo = json(&echo);
+    assert_eq!(echo["body_bytes"], upload.len());
+    assert_eq!(echo["body_sha256"], hex::encode(Sha256::digest(&upload)));
+    assert_eq!(
+        echo["headers"]["transfer-encoding"], "chunked",
+        "streamed, not buffered"
+    );
+
+    let n = 10 * 1024 * 1024;
+    let (status, headers, body) = send(&client, get(&h.url(&format!("/bytes/{n}")))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["content-length"], n.to_string());
+    assert_eq!(body.len(), n);
+    assert_eq!(Sha256::digest(&body), Sha256::digest(pattern(n)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_code_10_gives_502_auth_rejected_with_code_and_log_uuid() {
+    let h = Harness::with(Setup {
+        agent_id: "integratorUnknown99".into(),
+        ..Setup::default()
+    })
+    .await;
+    let (status, headers, body) = send(&client(), get(&h.url("/x"))).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(headers["x-tokengate-error"], "auth_rejected");
+    assert_eq!(headers["content-type"], "application/json");
+    let body = json(&body);
+    assert_eq!(body["kind"], "auth_rejected");
+    assert_eq!(body["auth_code"], 10);
+    assert_eq!(body["auth_message"], "Agent code was not found or block");
+    assert_eq!(body["auth_log_uuid"].as_str().unwrap().len(), 36, "{body}");
+    assert_eq!(h.auth.codes(), vec![10]);
+    assert_eq!(h.upstream.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn code_83_is_retried_once_with_a_fresh_nonce_then_reported() {
+    let h = Harness::start().await;
+    h.auth.set_fault(Fault::Code(83));
+    let (status, _, body) = send(&client(), get(&h.url("/x"))).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(json(&body)["auth_code"], 83);
+    assert_eq!(h.auth.requests(), 2, "one retry at once, then permanent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_garbage_and_unreachable_give_503_with_retry_after() {
+    let h = Harness::start().await;
+    h.auth.set_fault(Fault::Garbage);
+    let (status, headers, body) = send(&client(), get(&h.url("/x"))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["x-tokengate-error"], "auth_unavailable");
+    assert!(headers.contains_key("retry-after"));
+    assert!(
+        !String::from_utf8_lossy(&body).contains("<html>"),
+        "no upstream text in errors"
+    );
+
+    let mut h = Harness::start().await;
+    h.stop_auth().await;
+    let (status, headers, body) = send(&client(), get(&h.url("/x"))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["x-tokengate-error"], "auth_unavailable");
+    assert_eq!(headers["retry-after"], "1");
+    assert_eq!(json(&body)["credential"], "partner");
+    assert_eq!(h.upstream.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_own_authorization_is_replaced_by_exactly_one_bearer() {
+    let h = Harness::start().await;
+    let req = Request::get(h.url("/me"))
+        .header("authorization", "Basic dXNlcjpwYXNz")
+        .header("proxy-authorization", "Basic cHJveHk6cGFzcw==")
+        .header("connection", "x-hop")
+        .header("x-hop", "drop me")
+        .header("x-kept", "keep me")
+        .body(full(Bytes::new()))
+        .unwrap();
+    let (status, _, echo) = send(&client(), req).await;
+    assert_eq!(status, StatusCode::OK);
+    let echo = json(&echo);
+    let auth = echo["headers"]["authorization"].as_str().unwrap();
+    assert!(auth.starts_with("Bearer ey"), "{auth}");
+    assert!(echo["headers"].get("proxy-authorization").is_none());
+    assert!(echo["headers"].get("x-hop").is_none());
+    assert_eq!(echo["headers"]["x-kept"], "keep me");
+    let log = h.upstream.log();
+    assert_eq!(log.last().unwrap().authorization_headers, 1);
+
+    // `Connection: authorization` cannot remove the injected token.
+    let req = Request::get(h.url("/me"))
+        .header("connection", "authorization")
+        .header("authorization", "Basic dXNlcjpwYXNz")
+        .body(full(Bytes::new()))
+        .unwrap();
+    let (status, _, echo) = send(&client(), req).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        json(&echo)["headers"]["authorization"]
+            .as_str()
+            .unwrap()
+            .starts_with("Bearer ")
+    );
+    assert_eq!(h.upstream.log().last().unwrap().authorization_headers, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_authorization_keep_and_reject() {
+    let h = Harness::with(Setup {
+        routes_before: r#"
+[[routes]]
+path_prefix = "/keep/"
+upstream = "http://{upstream}"
+credential = "partner"
+client_authorization = "keep"
+
+[[routes]]
+path_prefix = "/reject/"
+upstream = "http://{upstream}"
+credential = "partner"
+client_authorization = "reject"
+"#
+        .into(),
+        ..Setup::default()
+    })
+    .await;
+    let client = client();
+    let with_auth = |path: &str| {
+        Request::get(h.url(path))
+            .header("authorization", "Bearer client-own")
+            .body(full(Bytes::new()))
+            .unwrap()
+    };
+    let (status, _, _) = send(&client, with_auth("/keep/x")).await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "the client's own token went through, untouched"
+    );
+    assert_eq!(
+        h.upstream.requests(),
+        1,
+        "no replay when our token was not used"
+    );
+    assert_eq!(h.auth.requests(), 0, "no exchange when nothing is injected");
+    let (status, _, _) = send(&client, get(&h.url("/keep/x"))).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "keep still injects when the client sends none"
+    );
+
+    let (status, headers, _) = send(&client, with_auth("/reject/x")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(headers["x-tokengate-error"], "bad_request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_match_host_and_prefix_and_rewrite_the_uri() {
+    let h = Harness::with(Setup {
+        routes_before: r#"
+[[routes]]
+host = "api.example.com"
+path_prefix = "/v1/"
+upstream = "http://{upstream}/base"
+credential = "partner"
+strip_prefix = true
+"#
+        .into(),
+        route_extra: "host = \"localhost\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    let client = client();
+    let req = Request::get(h.url("/v1/items?id=7"))
+        .header("host", "api.example.com")
+        .body(full(Bytes::new()))
+        .unwrap();
+    let (status, _, echo) = send(&client, req).await;
+    assert_eq!(status, StatusCode::OK);
+    let echo = json(&echo);
+    assert_eq!(echo["path"], "/base/items");
+    assert_eq!(echo["query"], "id=7");
+    assert_eq!(
+        echo["headers"]["host"],
+        h.upstream_addr.to_string(),
+        "Host is the upstream's"
+    );
+
+    // Origin-form with an unknown host: 404 no_route.
+    let req = Request::get(h.url("/v1/items"))
+        .header("host", "other.example.com")
+        .body(full(Bytes::new()))
+        .unwrap();
+    let (status, headers, body) = send(&client, req).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(headers["x-tokengate-error"], "no_route");
+    assert_eq!(json(&body)["kind"], "no_route");
+
+    // Absolute-form (HTTP_PROXY use) naming a host no route covers: 403, never an open proxy.
+    let (status, headers) = raw_request(
+        h.proxy,
+        "GET http://evil.example.net/steal HTTP/1.1\r\nHost: evil.example.net\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 403);
+    assert!(headers.contains("x-tokengate-error: no_route"), "{headers}");
+    assert_eq!(h.upstream.requests(), 1);
+
+    // Absolute-form naming a routed host: forwarded with the token.
+    let (status, _) = raw_request(
+        h.proxy,
+        "GET http://api.example.com/v1/ok HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_are_served() {
+    let h = Harness::start().await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<TestBody>();
+    let req = Request::post(h.url("/h2"))
+        .body(full(Bytes::from_static(b"over h2")))
+        .unwrap();
+    let response = client.request(req).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), StatusCode::OK);
+    let echo = response.into_body().collect().await.unwrap().to_bytes();
+    let echo = json(&echo);
+    assert!(
+        echo["headers"]["authorization"]
+            .as_str()
+            .unwrap()
+            .starts_with("Bearer ")
+    );
+    assert_eq!(echo["body_bytes"], 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_upstream_gives_502_and_readyz_follows_the_token() {
+    let h = Harness::with(Setup {
+        routes_before: r#"
+[[routes]]
+path_prefix = "/dead/"
+upstream = "http://127.0.0.1:9"
+credential = "partner"
+"#
+        .into(),
+        ..Setup::default()
+    })
+    .await;
+    let client = client();
+    let (status, _, _) = send(&client, get(&format!("http://{}/readyz", h.admin))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "no token yet");
+    let (status, _, _) = send(&client, get(&format!("http://{}/healthz", h.admin))).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let (status, headers, body) = send(&client, get(&h.url("/dead/x"))).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(headers["x-tokengate-error"], "upstream_unreachable");
+    assert_eq!(json(&body)["kind"], "upstream_unreachable");
+
+    let (status, _, _) = send(&client, get(&format!("http://{}/readyz", h.admin))).await;
+    assert_eq!(status, StatusCode::OK, "a token is held now");
+}
+
+/// Sends raw HTTP/1.1 bytes and returns the status and the head as text.
+async fn raw_request(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text.to_lowercase())
+}
