@@ -474,7 +474,8 @@ credential = "partner"
         assert_eq!(c.admin.listen, AdminConfig::default().listen);
         assert_eq!(c.routes[0].credential, "partner");
         // Every commented key is a real key: uncommenting them all still parses.
-        let uncommented = text.replace("# max_replay_body", "max_replay_body")
+        let uncommented = text
+            .replace("# max_replay_body", "max_replay_body")
             .replace("# request_timeout", "request_timeout")
             .replace("# header_read_timeout", "header_read_timeout")
             .replace("# encryption_key", "encryption_key")

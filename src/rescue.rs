@@ -20,14 +20,28 @@ impl<S> Layer<S> for RescueLayer {
     type Service = Rescue<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Rescue { inner }
+        Rescue {
+            inner,
+            not_ready: None,
+        }
     }
 }
 
 /// See [`RescueLayer`].
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Rescue<S> {
     inner: S,
+    /// An error from the inner `poll_ready`, answered on the next call.
+    not_ready: Option<ProxyError>,
+}
+
+impl<S: Clone> Clone for Rescue<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            not_ready: None,
+        }
+    }
 }
 
 impl<S, B> Service<Request<B>> for Rescue<S>
@@ -39,24 +53,31 @@ where
     type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // The proxy's services are always ready; an error here would be a bug, and it surfaces
-        // on the call instead.
-        let _ = ready!(self.inner.poll_ready(cx));
+        // Rescue never fails: an inner readiness error is answered as the next call's response.
+        if let Err(error) = ready!(self.inner.poll_ready(cx)) {
+            self.not_ready = Some(error);
+        }
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        ResponseFuture {
-            inner: self.inner.call(req),
+        match self.not_ready.take() {
+            Some(error) => ResponseFuture::Failed { error: Some(error) },
+            None => ResponseFuture::Inner {
+                inner: self.inner.call(req),
+            },
         }
     }
 }
 
 pin_project! {
     /// The future of [`Rescue`].
-    pub struct ResponseFuture<F> {
-        #[pin]
-        inner: F,
+    #[project = Proj]
+    pub enum ResponseFuture<F> {
+        /// The inner service's response.
+        Inner { #[pin] inner: F },
+        /// The inner service was not ready.
+        Failed { error: Option<ProxyError> },
     }
 }
 
@@ -67,9 +88,15 @@ where
     type Output = Result<ProxyResponse, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let error = match ready!(self.project().inner.poll(cx)) {
-            Ok(response) => return Poll::Ready(Ok(response)),
-            Err(error) => error,
+        let error = match self.project() {
+            Proj::Inner { inner } => match ready!(inner.poll(cx)) {
+                Ok(response) => return Poll::Ready(Ok(response)),
+                Err(error) => error,
+            },
+            Proj::Failed { error } => match error.take() {
+                Some(error) => error,
+                None => ProxyError::Internal("response future polled after completion"),
+            },
         };
         let status = error.status();
         if status.is_server_error() {

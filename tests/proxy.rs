@@ -10,6 +10,7 @@ use http::{Request, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use sha2::{Digest, Sha256};
+use tokengate::auth::crypto::{CipherTextLayout, SignatureAlg};
 use tokengate::sandbox::auth::Fault;
 use tokengate::sandbox::upstream::pattern;
 
@@ -143,6 +144,92 @@ async fn three_second_tokens_renew_in_the_background_and_never_reach_upstream_ex
         "tokens were renewed: {}",
         h.auth.issued()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_renewal_fails_the_current_token_serves_until_it_expires() {
+    let h = Harness::with(Setup {
+        expires_in: 4,
+        ..Setup::default()
+    })
+    .await;
+    let client = client();
+    let started = std::time::Instant::now();
+    h.warm(&client).await;
+    let token = h
+        .gateway
+        .credential("partner")
+        .unwrap()
+        .current()
+        .await
+        .unwrap();
+    h.auth.set_fault(Fault::Garbage);
+
+    // Renewal is due at about half the token's life; keep sending until well past that while
+    // staying inside the token's usable life (at least 2.7 s of a 3-4 s token).
+    let until = token.obtained_at() + Duration::from_millis(2500);
+    let mut sent = 0;
+    while std::time::Instant::now() < until {
+        let (status, _, body) = send(&client, get(&h.url("/during"))).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "the current token keeps serving: {body:?}"
+        );
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(sent >= 10, "{sent} requests in {:?}", started.elapsed());
+    assert!(h.auth.requests() >= 2, "a background renewal was attempted");
+    assert_eq!(h.auth.issued(), 1);
+    assert_eq!(h.upstream.expired_seen(), 0);
+
+    // Once the token has really expired, requests need a new one, and the auth server is down.
+    tokio::time::sleep_until((token.expires_at() + Duration::from_millis(200)).into()).await;
+    let (status, headers, _) = send(&client, get(&h.url("/after"))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["x-tokengate-error"], "auth_unavailable");
+    assert_eq!(
+        h.upstream.expired_seen(),
+        0,
+        "the expired token was never sent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hmac_signature_and_iv_ct_tag_layout_work_when_both_sides_agree() {
+    for (signature, layout, extra) in [
+        (
+            SignatureAlg::HmacSha256,
+            CipherTextLayout::IvTagCt,
+            "signature = \"hmac-sha256\"",
+        ),
+        (
+            SignatureAlg::Sha256,
+            CipherTextLayout::IvCtTag,
+            "cipher_text_layout = \"iv-ct-tag\"",
+        ),
+    ] {
+        let h = Harness::with(Setup {
+            agent_signature: signature,
+            agent_layout: layout,
+            credential_extra: extra.into(),
+            ..Setup::default()
+        })
+        .await;
+        let (status, _, body) = send(&client(), get(&h.url("/x"))).await;
+        assert_eq!(status, StatusCode::OK, "{extra}: {body:?}");
+        assert_eq!(h.auth.codes(), vec![0], "{extra}");
+    }
+    // And a mismatch is the server's code 84, reported as such.
+    let h = Harness::with(Setup {
+        agent_layout: CipherTextLayout::IvCtTag,
+        ..Setup::default()
+    })
+    .await;
+    let (status, _, body) = send(&client(), get(&h.url("/x"))).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(json(&body)["auth_code"], 84);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,6 +24,8 @@ use super::{Handle, JwtError, JwtKey, SandboxBody, json_response};
 pub const MAX_RECORDED_BODY: usize = 1024 * 1024;
 /// The most requests whose bodies are kept.
 pub const MAX_RECORDED_REQUESTS: usize = 64;
+/// The most distinct token values remembered (for the secret-leak test).
+pub const MAX_RECORDED_TOKENS: usize = 1024;
 /// The largest `/bytes/N` download.
 pub const MAX_DOWNLOAD: u64 = 1 << 30;
 const CHUNK: usize = 64 * 1024;
@@ -114,7 +116,7 @@ impl UpstreamState {
         self.log.lock().unwrap().clone()
     }
 
-    /// Every distinct token value that reached the upstream.
+    /// The distinct token values that reached the upstream (the first [`MAX_RECORDED_TOKENS`]).
     pub fn tokens(&self) -> Vec<String> {
         self.tokens.lock().unwrap().clone()
     }
@@ -147,7 +149,7 @@ impl UpstreamState {
             .ok_or("not a Bearer token")?;
         {
             let mut tokens = self.tokens.lock().unwrap();
-            if !tokens.iter().any(|t| t == token) {
+            if tokens.len() < MAX_RECORDED_TOKENS && !tokens.iter().any(|t| t == token) {
                 tokens.push(token.to_owned());
             }
         }

@@ -11,6 +11,7 @@ use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
+use tokengate::auth::crypto::{CipherTextLayout, SignatureAlg};
 use tokengate::sandbox::auth::{Agent, AuthState};
 use tokengate::sandbox::upstream::UpstreamState;
 use tokengate::sandbox::{Handle, JwtKey};
@@ -39,6 +40,10 @@ pub struct Setup {
     pub route_extra: String,
     /// Extra environment variables the config may name.
     pub env: Vec<(String, String)>,
+    /// The signature the sandbox agent expects.
+    pub agent_signature: SignatureAlg,
+    /// The cipherText layout the sandbox agent expects.
+    pub agent_layout: CipherTextLayout,
 }
 
 impl Default for Setup {
@@ -51,6 +56,8 @@ impl Default for Setup {
             routes_before: String::new(),
             route_extra: String::new(),
             env: Vec::new(),
+            agent_signature: SignatureAlg::Sha256,
+            agent_layout: CipherTextLayout::IvTagCt,
         }
     }
 }
@@ -75,11 +82,10 @@ impl Harness {
 
     pub async fn with(setup: Setup) -> Self {
         let jwt = JwtKey::random();
-        let auth = AuthState::new(
-            vec![Agent::new(AGENT, SECRET)],
-            jwt.clone(),
-            setup.expires_in,
-        );
+        let mut agent = Agent::new(AGENT, SECRET);
+        agent.signature = setup.agent_signature;
+        agent.layout = setup.agent_layout;
+        let auth = AuthState::new(vec![agent], jwt.clone(), setup.expires_in);
         let auth_server = auth
             .serve(TcpListener::bind("127.0.0.1:0").await.unwrap())
             .unwrap();
