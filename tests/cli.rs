@@ -9,6 +9,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokengate::sandbox::JwtKey;
 use tokengate::sandbox::auth::{Agent, AuthState};
+use tokengate::sandbox::upstream::UpstreamState;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::process::Command;
@@ -130,6 +131,76 @@ async fn token_runs_one_exchange_and_shows_the_token_only_when_asked() {
     assert_eq!(code, 0);
     assert!(stdout.contains("token       eyJ"), "{stdout}");
     assert_eq!(auth.issued(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_with_the_token_and_exits_0_on_sigterm() {
+    let jwt = JwtKey::random();
+    let auth = AuthState::new(
+        vec![Agent::new("integratorCli01", SECRET)],
+        jwt.clone(),
+        600,
+    );
+    let auth_server = auth
+        .serve(TcpListener::bind("127.0.0.1:0").await.unwrap())
+        .unwrap();
+    let upstream = UpstreamState::new(jwt);
+    let upstream_server = upstream
+        .serve(TcpListener::bind("127.0.0.1:0").await.unwrap())
+        .unwrap();
+    let text = config(&format!("http://{}/v2/auth", auth_server.addr()), "partner")
+        .replace(
+            "https://api.example.com",
+            &format!("http://{}", upstream_server.addr()),
+        )
+        .replace(
+            "[credentials.partner]",
+            "[admin]\nlisten = \"127.0.0.1:0\"\n[credentials.partner]",
+        );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, text).unwrap();
+
+    let mut child = Command::new(BIN)
+        .args(["--log-format", "json", "run"])
+        .env("TOKENGATE_CONFIG", &path)
+        .env("PARTNER_SECRET", SECRET)
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let proxy = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if let Some(addr) = event["fields"]["proxy_addr"].as_str() {
+                return addr.to_owned();
+            }
+        }
+        panic!("run logged no proxy_addr");
+    })
+    .await
+    .expect("run starts");
+
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let response = client
+        .get(format!("http://{proxy}/via-run").parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(upstream.requests(), 1);
+
+    let pid = child.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("run exits after SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -569,6 +569,56 @@ credential = "partner"
     assert_eq!(status, StatusCode::OK, "a token is held now");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstreams_use_webpki_roots_plus_ca_file_and_refuse_unknown_certificates() {
+    let ca = tls::test_ca();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let h = Harness::with(Setup {
+        routes_before: format!(
+            r#"
+[[routes]]
+path_prefix = "/trusted/"
+upstream = "https://localhost:{port}"
+credential = "partner"
+ca_file = "{}"
+
+[[routes]]
+path_prefix = "/untrusted/"
+upstream = "https://localhost:{port}"
+credential = "partner"
+"#,
+            ca.ca_file.display()
+        ),
+        ..Setup::default()
+    })
+    .await;
+    // The sandbox upstream, also served over TLS with a certificate from the test CA.
+    let tls_upstream = h.upstream.serve_tls(listener, ca.server.clone()).unwrap();
+    let client = client();
+
+    let (status, _, echo) = send(&client, get(&h.url("/trusted/x"))).await;
+    assert_eq!(status, StatusCode::OK, "{echo:?}");
+    assert!(
+        json(&echo)["headers"]["authorization"]
+            .as_str()
+            .unwrap()
+            .starts_with("Bearer ")
+    );
+    assert_eq!(h.upstream.requests(), 1);
+
+    let (status, headers, body) = send(&client, get(&h.url("/untrusted/x"))).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(headers["x-tokengate-error"], "upstream_unreachable");
+    assert!(!String::from_utf8_lossy(&body).contains("Bearer"));
+    assert_eq!(
+        h.upstream.requests(),
+        1,
+        "no request reached an upstream we do not trust"
+    );
+    drop(tls_upstream);
+}
+
 /// Sends raw HTTP/1.1 bytes and returns the status and the head as text.
 async fn raw_request(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

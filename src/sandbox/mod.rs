@@ -144,6 +144,51 @@ where
     Ok(Handle { addr, _stop: stop })
 }
 
+/// Serves `handler` over TLS (HTTP/1.1 or h2 by ALPN) on `listener` until the handle is dropped.
+fn spawn_tls<F, Fut>(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    handler: F,
+) -> std::io::Result<Handle>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<SandboxBody>> + Send + 'static,
+{
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto;
+    use hyper_util::service::TowerToHyperService;
+
+    let addr = listener.local_addr()?;
+    let (stop, mut stopped) = watch::channel(false);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tokio::spawn(async move {
+        loop {
+            let tcp = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, _)) => tcp,
+                    Err(_) => continue,
+                },
+                _ = stopped.changed() => return,
+            };
+            let acceptor = acceptor.clone();
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(tcp).await else {
+                    return; // a client that refused our certificate
+                };
+                let service = tower::service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(handler(req).await) }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+                    .await;
+            });
+        }
+    });
+    Ok(Handle { addr, _stop: stop })
+}
+
 fn full(bytes: impl Into<Bytes>) -> SandboxBody {
     use http_body_util::BodyExt;
     http_body_util::Full::new(bytes.into()).boxed()

@@ -85,6 +85,19 @@ impl UpstreamState {
         })
     }
 
+    /// Serves over TLS with `tls` on `listener` until the handle is dropped.
+    pub fn serve_tls(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> std::io::Result<Handle> {
+        let state = self.clone();
+        super::spawn_tls(listener, tls, move |req| {
+            let state = state.clone();
+            async move { state.handle(req).await }
+        })
+    }
+
     /// Revokes every token seen so far.
     pub fn revoke_seen(&self) {
         let seen = self.seen_tokens.lock().unwrap().clone();

@@ -2,6 +2,8 @@
 //! `127.0.0.1:0`, plus a small HTTP client.
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
