@@ -9,14 +9,14 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::auth::cache::TokenSource;
-use crate::body::ResponseBody;
+use crate::body::{ProxyBody, ProxyResponse};
 
 /// The admin service over `credentials`.
 pub fn service(
     credentials: Arc<BTreeMap<String, TokenSource>>,
 ) -> impl tower::Service<
     Request<Incoming>,
-    Response = Response<ResponseBody>,
+    Response = ProxyResponse,
     Error = Infallible,
     Future = impl Send + 'static,
 > + Clone
@@ -31,7 +31,7 @@ pub fn service(
 async fn handle(
     req: Request<Incoming>,
     credentials: &BTreeMap<String, TokenSource>,
-) -> Response<ResponseBody> {
+) -> ProxyResponse {
     match req.uri().path() {
         "/healthz" => json(StatusCode::OK, serde_json::json!({ "status": "ok" })),
         "/readyz" => {
@@ -57,8 +57,8 @@ async fn handle(
     }
 }
 
-fn json(status: StatusCode, body: serde_json::Value) -> Response<ResponseBody> {
-    let mut response = Response::new(ResponseBody::local(body.to_string()));
+fn json(status: StatusCode, body: serde_json::Value) -> ProxyResponse {
+    let mut response = Response::new(ProxyBody::full(body.to_string()));
     *response.status_mut() = status;
     response
         .headers_mut()

@@ -15,26 +15,32 @@ use tower::{Layer, Service};
 
 use crate::error::ProxyError;
 
-/// A request body on its way upstream.
+/// A body in either direction: bytes the proxy holds whole, or a stream from a peer.
 #[derive(Debug)]
-pub enum RequestBody {
-    /// Buffered whole (possibly empty); can be replayed.
-    Buffered(Option<Bytes>),
-    /// Streaming from the client; cannot be replayed.
+pub enum ProxyBody {
+    /// Held whole (possibly empty): a buffered request body, or a response the proxy wrote.
+    /// It can be replayed.
+    Full(Option<Bytes>),
+    /// Streaming from the client or the upstream; it cannot be replayed.
     Streaming(Incoming),
 }
 
-impl RequestBody {
-    /// A copy for a replay, if this body is buffered.
+impl ProxyBody {
+    /// A body of `bytes`, held whole.
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        Self::Full(Some(bytes.into()))
+    }
+
+    /// A copy for a replay, if this body is held whole.
     pub fn try_clone(&self) -> Option<Self> {
         match self {
-            Self::Buffered(bytes) => Some(Self::Buffered(bytes.clone())),
+            Self::Full(bytes) => Some(Self::Full(bytes.clone())),
             Self::Streaming(_) => None,
         }
     }
 }
 
-impl Body for RequestBody {
+impl Body for ProxyBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -43,71 +49,22 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            Self::Buffered(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Self::Streaming(body) => Pin::new(body).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Self::Buffered(bytes) => bytes.is_none(),
+            Self::Full(bytes) => bytes.is_none(),
             Self::Streaming(body) => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Buffered(bytes) => {
-                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
-            }
+            Self::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Self::Streaming(body) => body.size_hint(),
-        }
-    }
-}
-
-/// A response body: the upstream's, streamed, or one the proxy wrote itself.
-#[derive(Debug)]
-pub enum ResponseBody {
-    /// Streamed from the upstream.
-    Upstream(Incoming),
-    /// Written by the proxy (error JSON, admin answers).
-    Local(Option<Bytes>),
-}
-
-impl ResponseBody {
-    /// A body the proxy wrote itself.
-    pub fn local(bytes: impl Into<Bytes>) -> Self {
-        Self::Local(Some(bytes.into()))
-    }
-}
-
-impl Body for ResponseBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            Self::Upstream(body) => Pin::new(body).poll_frame(cx),
-            Self::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Self::Upstream(body) => body.is_end_stream(),
-            Self::Local(bytes) => bytes.is_none(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            Self::Upstream(body) => body.size_hint(),
-            Self::Local(bytes) => {
-                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
-            }
         }
     }
 }
@@ -145,7 +102,7 @@ pub struct ReplayBody<S> {
 
 impl<S> Service<Request<Incoming>> for ReplayBody<S>
 where
-    S: Service<Request<RequestBody>, Error = ProxyError> + Clone + Send + 'static,
+    S: Service<Request<ProxyBody>, Error = ProxyError> + Clone + Send + 'static,
     S::Future: Send,
 {
     type Response = S::Response;
@@ -164,7 +121,7 @@ where
                 .exact()
                 .is_some_and(|len| len <= self.max_replay_body as u64);
         if !replayable {
-            let request = Request::from_parts(parts, RequestBody::Streaming(body));
+            let request = Request::from_parts(parts, ProxyBody::Streaming(body));
             return Box::pin(self.inner.call(request));
         }
         // The inner service was made ready by poll_ready; the clone takes its place.
@@ -184,11 +141,11 @@ where
                 Some(collected.to_bytes())
             };
             inner
-                .call(Request::from_parts(parts, RequestBody::Buffered(bytes)))
+                .call(Request::from_parts(parts, ProxyBody::Full(bytes)))
                 .await
         })
     }
 }
 
-/// Passes the response through; named so the stack's types read clearly.
-pub type ProxyResponse = Response<ResponseBody>;
+/// A response of the proxy: streamed from the upstream, or written by the proxy itself.
+pub type ProxyResponse = Response<ProxyBody>;

@@ -8,7 +8,7 @@ use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 
 use crate::auth::exchange::AuthError;
-use crate::body::ResponseBody;
+use crate::body::{ProxyBody, ProxyResponse};
 
 /// A boxed error, for sources of any type.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -97,7 +97,7 @@ impl ProxyError {
 
     /// The JSON response for this error: `kind`, a message and, for auth rejections, the auth
     /// server's code, message and logUUID. Never a secret, a token or upstream text.
-    pub fn into_response(self) -> Response<ResponseBody> {
+    pub fn into_response(self) -> ProxyResponse {
         let status = self.status();
         let kind = self.kind();
         let mut body = serde_json::json!({ "kind": kind, "message": self.to_string() });
@@ -114,7 +114,7 @@ impl ProxyError {
                 body["auth_log_uuid"] = log_uuid.as_deref().into();
             }
         }
-        let mut response = Response::new(ResponseBody::local(Bytes::from(body.to_string())));
+        let mut response = Response::new(ProxyBody::full(Bytes::from(body.to_string())));
         *response.status_mut() = status;
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

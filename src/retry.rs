@@ -9,7 +9,7 @@ use http::{Request, Response, StatusCode};
 use tower::{Layer, Service, ServiceExt};
 
 use crate::auth::inject::UsedToken;
-use crate::body::RequestBody;
+use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::route::RouteCtx;
 
@@ -31,9 +31,9 @@ pub struct RetryOn401<S> {
     inner: S,
 }
 
-impl<S, RB> Service<Request<RequestBody>> for RetryOn401<S>
+impl<S, RB> Service<Request<ProxyBody>> for RetryOn401<S>
 where
-    S: Service<Request<RequestBody>, Response = Response<RB>, Error = ProxyError>
+    S: Service<Request<ProxyBody>, Response = Response<RB>, Error = ProxyError>
         + Clone
         + Send
         + 'static,
@@ -48,7 +48,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
+    fn call(&mut self, req: Request<ProxyBody>) -> Self::Future {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let ctx = req.extensions().get::<RouteCtx>().cloned();
@@ -75,7 +75,7 @@ where
 }
 
 /// A copy of `req` for a replay, if its body is buffered.
-fn replayable_copy(req: &Request<RequestBody>) -> Option<Request<RequestBody>> {
+fn replayable_copy(req: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
     let body = req.body().try_clone()?;
     let mut copy = Request::new(body);
     *copy.method_mut() = req.method().clone();

@@ -10,7 +10,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower::Service;
 
-use crate::body::{ProxyResponse, RequestBody, ResponseBody};
+use crate::body::{ProxyBody, ProxyResponse};
 use crate::error::ProxyError;
 use crate::route::RouteCtx;
 use crate::tls::Connector;
@@ -21,7 +21,7 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub const POOL_MAX_IDLE_PER_HOST: usize = 256;
 
 /// A pooled client for one set of TLS roots.
-pub type UpstreamClient = Client<Connector, RequestBody>;
+pub type UpstreamClient = Client<Connector, ProxyBody>;
 
 /// Builds a pooled upstream client over `connector`.
 pub fn client(connector: Connector) -> UpstreamClient {
@@ -45,7 +45,7 @@ impl Upstream {
     }
 }
 
-impl Service<Request<RequestBody>> for Upstream {
+impl Service<Request<ProxyBody>> for Upstream {
     type Response = ProxyResponse;
     type Error = ProxyError;
     type Future = BoxFuture<'static, Result<ProxyResponse, ProxyError>>;
@@ -54,7 +54,7 @@ impl Service<Request<RequestBody>> for Upstream {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
+    fn call(&mut self, req: Request<ProxyBody>) -> Self::Future {
         let Some(client) = req
             .extensions()
             .get::<RouteCtx>()
@@ -73,10 +73,7 @@ impl Service<Request<RequestBody>> for Upstream {
                 .map_err(ProxyError::UpstreamUnreachable)?;
             let (mut parts, body) = response.into_parts();
             crate::hop::strip(&mut parts.headers);
-            Ok(ProxyResponse::from_parts(
-                parts,
-                ResponseBody::Upstream(body),
-            ))
+            Ok(ProxyResponse::from_parts(parts, ProxyBody::Streaming(body)))
         })
     }
 }
