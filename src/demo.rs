@@ -5,12 +5,9 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
 
-use tokio::net::TcpListener;
-
 use crate::config::{Config, ConfigError};
-use crate::sandbox::JwtKey;
-use crate::sandbox::auth::{Agent, AuthState};
-use crate::sandbox::upstream::UpstreamState;
+use crate::sandbox::Sandbox;
+use crate::sandbox::auth::Agent;
 use crate::server::Gateway;
 
 /// Where the demo proxy listens unless `--listen` says otherwise.
@@ -32,7 +29,7 @@ pub enum DemoError {
 }
 
 /// The demo's `proxy.toml`; its secret comes from the environment the demo builds.
-fn demo_config(listen: SocketAddr, auth: SocketAddr, upstream: SocketAddr) -> String {
+fn demo_config(listen: SocketAddr, auth_url: &str, upstream: SocketAddr) -> String {
     format!(
         r#"
 [server]
@@ -42,7 +39,7 @@ listen = "{listen}"
 listen = "127.0.0.1:0"
 
 [credentials.sandbox]
-auth_url = "http://{auth}/v2/auth"
+auth_url = "{auth_url}"
 agent_id = "{DEMO_AGENT}"
 secret = {{ env = "TOKENGATE_DEMO_SECRET" }}
 
@@ -55,19 +52,10 @@ credential = "sandbox"
 
 /// Runs the demo until Ctrl-C.
 pub async fn run(listen: SocketAddr) -> Result<(), DemoError> {
-    let jwt = JwtKey::random();
     let secret = hex::encode(rand::random::<[u8; 24]>());
-    let auth = AuthState::new(
-        vec![Agent::new(DEMO_AGENT, &secret)],
-        jwt.clone(),
-        DEMO_EXPIRES_IN,
-    );
-    let auth_server = auth.serve(TcpListener::bind("127.0.0.1:0").await?)?;
-    let upstream = UpstreamState::new(jwt);
-    let upstream_server = upstream.serve(TcpListener::bind("127.0.0.1:0").await?)?;
-
+    let sandbox = Sandbox::start(vec![Agent::new(DEMO_AGENT, &secret)], DEMO_EXPIRES_IN).await?;
     let config = Config::parse(
-        &demo_config(listen, auth_server.addr(), upstream_server.addr()),
+        &demo_config(listen, &sandbox.auth_url(), sandbox.upstream_addr()),
         "<demo>",
     )?;
     let env = BTreeMap::from([("TOKENGATE_DEMO_SECRET".to_owned(), secret)]);
@@ -79,15 +67,15 @@ pub async fn run(listen: SocketAddr) -> Result<(), DemoError> {
     let _ = writeln!(
         out,
         "tokengate demo\n\
-         \x20 sandbox auth server  http://{}/v2/auth  (agent {DEMO_AGENT})\n\
+         \x20 sandbox auth server  {}  (agent {DEMO_AGENT})\n\
          \x20 sandbox upstream     http://{}  (echoes what it receives, if the token is valid)\n\
          \x20 proxy                http://{proxy}\n\
          \x20 admin                http://{}/readyz\n\n\
          Try:\n\
          \x20 curl -s http://{proxy}/hello\n\n\
          The echo shows the Authorization header tokengate injected. Ctrl-C stops.",
-        auth_server.addr(),
-        upstream_server.addr(),
+        sandbox.auth_url(),
+        sandbox.upstream_addr(),
         running.admin_addr(),
     );
     let _ = out.flush();

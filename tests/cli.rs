@@ -7,11 +7,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tokengate::sandbox::JwtKey;
-use tokengate::sandbox::auth::{Agent, AuthState};
-use tokengate::sandbox::upstream::UpstreamState;
+use tokengate::sandbox::Sandbox;
+use tokengate::sandbox::auth::Agent;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::net::TcpListener;
 use tokio::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokengate");
@@ -106,15 +104,10 @@ async fn check_prints_a_summary_without_secrets() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_runs_one_exchange_and_shows_the_token_only_when_asked() {
-    let auth = AuthState::new(
-        vec![Agent::new("integratorCli01", SECRET)],
-        JwtKey::random(),
-        600,
-    );
-    let server = auth
-        .serve(TcpListener::bind("127.0.0.1:0").await.unwrap())
+    let sandbox = Sandbox::start(vec![Agent::new("integratorCli01", SECRET)], 600)
+        .await
         .unwrap();
-    let text = config(&format!("http://{}/v2/auth", server.addr()), "partner");
+    let text = config(&sandbox.auth_url(), "partner");
 
     let (code, stdout, stderr) = tokengate(&["token", "partner"], &text).await;
     assert_eq!(code, 0, "{stderr}");
@@ -130,28 +123,18 @@ async fn token_runs_one_exchange_and_shows_the_token_only_when_asked() {
     let (code, stdout, _) = tokengate(&["token", "partner", "--show"], &text).await;
     assert_eq!(code, 0);
     assert!(stdout.contains("token       eyJ"), "{stdout}");
-    assert_eq!(auth.issued(), 2);
+    assert_eq!(sandbox.auth.issued(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_serves_with_the_token_and_exits_0_on_sigterm() {
-    let jwt = JwtKey::random();
-    let auth = AuthState::new(
-        vec![Agent::new("integratorCli01", SECRET)],
-        jwt.clone(),
-        600,
-    );
-    let auth_server = auth
-        .serve(TcpListener::bind("127.0.0.1:0").await.unwrap())
+    let sandbox = Sandbox::start(vec![Agent::new("integratorCli01", SECRET)], 600)
+        .await
         .unwrap();
-    let upstream = UpstreamState::new(jwt);
-    let upstream_server = upstream
-        .serve(TcpListener::bind("127.0.0.1:0").await.unwrap())
-        .unwrap();
-    let text = config(&format!("http://{}/v2/auth", auth_server.addr()), "partner")
+    let text = config(&sandbox.auth_url(), "partner")
         .replace(
             "https://api.example.com",
-            &format!("http://{}", upstream_server.addr()),
+            &format!("http://{}", sandbox.upstream_addr()),
         )
         .replace(
             "[credentials.partner]",
@@ -188,7 +171,7 @@ async fn run_serves_with_the_token_and_exits_0_on_sigterm() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    assert_eq!(upstream.requests(), 1);
+    assert_eq!(sandbox.upstream.requests(), 1);
 
     let pid = child.id().unwrap().to_string();
     let killed = std::process::Command::new("kill")

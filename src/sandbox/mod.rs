@@ -111,6 +111,75 @@ pub fn unix_ms() -> u64 {
         .as_millis() as u64
 }
 
+/// The sandbox auth server and upstream, sharing a token key, on ephemeral loopback ports.
+pub struct Sandbox {
+    /// The auth server's state and controls.
+    pub auth: Arc<auth::AuthState>,
+    /// The upstream's state and controls.
+    pub upstream: Arc<upstream::UpstreamState>,
+    auth_server: Option<Handle>,
+    upstream_server: Handle,
+    auth_addr: std::net::SocketAddr,
+}
+
+impl Sandbox {
+    /// Starts both servers on `127.0.0.1:0`; the auth server knows `agents` and grants
+    /// `expires_in` seconds.
+    pub async fn start(agents: Vec<auth::Agent>, expires_in: u64) -> std::io::Result<Self> {
+        let jwt = JwtKey::random();
+        let auth = auth::AuthState::new(agents, jwt.clone(), expires_in);
+        let auth_server = auth.serve(TcpListener::bind("127.0.0.1:0").await?)?;
+        let upstream = upstream::UpstreamState::new(jwt);
+        let upstream_server = upstream.serve(TcpListener::bind("127.0.0.1:0").await?)?;
+        Ok(Self {
+            auth,
+            upstream,
+            auth_addr: auth_server.addr(),
+            auth_server: Some(auth_server),
+            upstream_server,
+        })
+    }
+
+    /// The auth endpoint, `http://127.0.0.1:PORT/v2/auth`.
+    pub fn auth_url(&self) -> String {
+        format!("http://{}/v2/auth", self.auth_addr)
+    }
+
+    /// The auth server's address (it stays reserved after [`Sandbox::stop_auth`]).
+    pub fn auth_addr(&self) -> std::net::SocketAddr {
+        self.auth_addr
+    }
+
+    /// The upstream's address.
+    pub fn upstream_addr(&self) -> std::net::SocketAddr {
+        self.upstream_server.addr()
+    }
+
+    /// Stops the auth server (dropping its handle ends the accept loop); returns once its port
+    /// refuses connections, or after a second at most.
+    pub async fn stop_auth(&mut self) {
+        self.auth_server = None;
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(self.auth_addr)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("auth", &self.auth_addr)
+            .field("upstream", &self.upstream_addr())
+            .finish_non_exhaustive()
+    }
+}
+
 /// A sandbox server running until dropped.
 #[derive(Debug)]
 pub struct Handle {

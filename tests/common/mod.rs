@@ -14,11 +14,10 @@ use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
 use tokengate::auth::crypto::{CipherTextLayout, SignatureAlg};
+use tokengate::sandbox::Sandbox;
 use tokengate::sandbox::auth::{Agent, AuthState};
 use tokengate::sandbox::upstream::UpstreamState;
-use tokengate::sandbox::{Handle, JwtKey};
 use tokengate::{Config, Gateway, Running};
-use tokio::net::TcpListener;
 
 pub const AGENT: &str = "integratorNBTest01";
 pub const SECRET: &str = "sandbox-secret-Zq81vN3d";
@@ -67,14 +66,12 @@ impl Default for Setup {
 pub struct Harness {
     pub auth: Arc<AuthState>,
     pub upstream: Arc<UpstreamState>,
-    pub auth_addr: SocketAddr,
     pub upstream_addr: SocketAddr,
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
     pub gateway: Gateway,
     pub running: Option<Running>,
-    auth_server: Option<Handle>,
-    _upstream_server: Handle,
+    sandbox: Sandbox,
 }
 
 impl Harness {
@@ -83,18 +80,10 @@ impl Harness {
     }
 
     pub async fn with(setup: Setup) -> Self {
-        let jwt = JwtKey::random();
         let mut agent = Agent::new(AGENT, SECRET);
         agent.signature = setup.agent_signature;
         agent.layout = setup.agent_layout;
-        let auth = AuthState::new(vec![agent], jwt.clone(), setup.expires_in);
-        let auth_server = auth
-            .serve(TcpListener::bind("127.0.0.1:0").await.unwrap())
-            .unwrap();
-        let upstream = UpstreamState::new(jwt);
-        let upstream_server = upstream
-            .serve(TcpListener::bind("127.0.0.1:0").await.unwrap())
-            .unwrap();
+        let sandbox = Sandbox::start(vec![agent], setup.expires_in).await.unwrap();
         let text = format!(
             r#"
 [server]
@@ -105,7 +94,7 @@ max_replay_body = {max_replay_body}
 listen = "127.0.0.1:0"
 
 [credentials.partner]
-auth_url = "http://{auth}/v2/auth"
+auth_url = "{auth_url}"
 agent_id = "{agent}"
 secret = {{ env = "PARTNER_SECRET" }}
 {credential_extra}
@@ -118,13 +107,13 @@ credential = "partner"
 {route_extra}
 "#,
             max_replay_body = setup.max_replay_body,
-            auth = auth_server.addr(),
+            auth_url = sandbox.auth_url(),
             agent = setup.agent_id,
             credential_extra = setup.credential_extra,
             routes_before = setup
                 .routes_before
-                .replace("{upstream}", &upstream_server.addr().to_string()),
-            upstream = upstream_server.addr(),
+                .replace("{upstream}", &sandbox.upstream_addr().to_string()),
+            upstream = sandbox.upstream_addr(),
             route_extra = setup.route_extra,
         );
         let config = Config::parse(&text, "test.toml").unwrap();
@@ -133,33 +122,20 @@ credential = "partner"
         let gateway = Gateway::new(config, "test.toml", &env).unwrap();
         let running = gateway.start().await.unwrap();
         Self {
-            auth_addr: auth_server.addr(),
-            upstream_addr: upstream_server.addr(),
+            auth: sandbox.auth.clone(),
+            upstream: sandbox.upstream.clone(),
+            upstream_addr: sandbox.upstream_addr(),
             proxy: running.proxy_addr(),
             admin: running.admin_addr(),
-            auth,
-            upstream,
             gateway,
             running: Some(running),
-            auth_server: Some(auth_server),
-            _upstream_server: upstream_server,
+            sandbox,
         }
     }
 
     /// Stops the auth server: its port refuses connections from now on.
     pub async fn stop_auth(&mut self) {
-        self.auth_server = None;
-        // The listener closes once the serve loop sees the stop signal.
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(self.auth_addr)
-                .await
-                .is_err()
-            {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        panic!("auth server did not stop");
+        self.sandbox.stop_auth().await;
     }
 
     pub fn url(&self, path: &str) -> String {
