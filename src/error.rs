@@ -51,6 +51,9 @@ pub enum ProxyError {
     /// The client stopped sending its body.
     #[error("client body read failed")]
     ClientBody(#[source] hyper::Error),
+    /// A method tokengate never forwards (CONNECT, TRACE).
+    #[error("method {0} is not forwarded")]
+    MethodNotAllowed(http::Method),
     /// The request is not acceptable.
     #[error("bad request: {0}")]
     BadRequest(&'static str),
@@ -74,6 +77,7 @@ impl ProxyError {
             Self::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::ClientBody(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -90,6 +94,7 @@ impl ProxyError {
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::BodyTooLarge { .. } => "body_too_large",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::ClientBody(_) | Self::BadRequest(_) => "bad_request",
             Self::Internal(_) => "internal",
         }

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 
 use http::header::{AUTHORIZATION, HOST};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Uri, Version};
+use http::{Method, Request, Uri, Version};
 use hyper::body::Incoming;
 use serde::Deserialize;
 use tower::{Layer, Service};
@@ -236,6 +236,10 @@ where
 
 /// Matches `req` to a route and rewrites it for the upstream, in place.
 pub fn route_request<B>(routes: &Routes, req: &mut Request<B>) -> Result<(), ProxyError> {
+    // CONNECT would open a tunnel that carries no token; TRACE would echo the injected header.
+    if req.method() == Method::CONNECT || req.method() == Method::TRACE {
+        return Err(ProxyError::MethodNotAllowed(req.method().clone()));
+    }
     // HTTP/1 absolute-form (`GET http://host/x`) is how an HTTP_PROXY client speaks; HTTP/2
     // always carries :authority, so there only the scheme-less origin form exists.
     let absolute_form = req.version() < Version::HTTP_2 && req.uri().scheme().is_some();

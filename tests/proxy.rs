@@ -619,6 +619,35 @@ credential = "partner"
     drop(tls_upstream);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_and_trace_get_405_and_redirects_are_passed_through() {
+    let h = Harness::start().await;
+    let (status, head) = raw_request(
+        h.proxy,
+        "CONNECT api.example.com:443 HTTP/1.1\r\nHost: api.example.com:443\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 405, "{head}");
+    assert!(
+        head.contains("x-tokengate-error: method_not_allowed"),
+        "{head}"
+    );
+    let req = Request::builder()
+        .method("TRACE")
+        .uri(h.url("/x"))
+        .body(full(Bytes::new()))
+        .unwrap();
+    let (status, _, _) = send(&client(), req).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(h.upstream.requests(), 0);
+    assert_eq!(h.auth.requests(), 0);
+
+    let (status, headers, _) = send(&client(), get(&h.url("/redirect"))).await;
+    assert_eq!(status, StatusCode::FOUND, "never followed");
+    assert_eq!(headers["location"], "/elsewhere");
+    assert_eq!(h.upstream.requests(), 1);
+}
+
 /// Sends raw HTTP/1.1 bytes and returns the status and the head as text.
 async fn raw_request(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -1,5 +1,6 @@
 //! The sandbox upstream: accepts a request only with exactly one valid, unexpired, unrevoked
-//! sandbox Bearer token, records what it saw, and echoes the request (or streams `/bytes/N`).
+//! sandbox Bearer token, records what it saw, and echoes the request (or streams `/bytes/N`, or
+//! answers `/redirect` with a 302).
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -221,6 +222,11 @@ impl UpstreamState {
                 );
                 r
             }
+            Ok(()) if parts.uri.path() == "/redirect" => Response::builder()
+                .status(StatusCode::FOUND)
+                .header(http::header::LOCATION, "/elsewhere")
+                .body(super::full(Bytes::new()))
+                .expect("static parts"),
             Ok(()) => match download_size(parts.uri.path()) {
                 Some(n) => Response::new(SandboxBody::new(Pattern { offset: 0, len: n })),
                 None => {
