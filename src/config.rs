@@ -119,6 +119,10 @@ pub struct CredentialConfig {
     /// The deadline for one exchange. Default 5 s.
     #[serde(default = "default_exchange_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// The longest wait between failed exchanges (backoff starts at 1 s and doubles, with
+    /// jitter). Default 30 s.
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
     /// Extra PEM roots trusted for this auth server.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
@@ -130,6 +134,10 @@ fn default_refresh_before() -> Duration {
 
 fn default_exchange_timeout() -> Duration {
     Duration::from_secs(5)
+}
+
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// `[[routes]]`: where matching requests go and with which credential.
@@ -350,6 +358,12 @@ impl Config {
                     "must be greater than zero".into(),
                 ));
             }
+            if c.max_backoff < crate::auth::backoff::BACKOFF_START {
+                return Err(err(
+                    format!("credentials.{name}.max_backoff"),
+                    "must be at least 1s".into(),
+                ));
+            }
             if c.agent_id.is_empty() || http::HeaderValue::try_from(c.agent_id.as_str()).is_err() {
                 return Err(err(
                     format!("credentials.{name}.agent_id"),
@@ -483,6 +497,7 @@ credential = "partner"
             .replace("# cipher_text_layout", "cipher_text_layout")
             .replace("# refresh_before", "refresh_before")
             .replace("# timeout", "timeout")
+            .replace("# max_backoff", "max_backoff")
             .replace("# ca_file", "ca_file")
             .replace("# host", "host")
             .replace("# strip_prefix", "strip_prefix")

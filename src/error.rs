@@ -15,8 +15,6 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The header naming the error kind on every response the proxy itself produces.
 pub const ERROR_HEADER: &str = "x-tokengate-error";
-/// `Retry-After` sent with `auth_unavailable`, in seconds.
-pub const AUTH_RETRY_AFTER_SECS: u32 = 1;
 
 /// Everything that can go wrong on the request path.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +33,8 @@ pub enum ProxyError {
         /// Why the exchange failed.
         #[source]
         source: Arc<AuthError>,
+        /// How long until the credential tries a new exchange.
+        retry_after: Duration,
     },
     /// Connecting to the upstream, or talking to it, failed.
     #[error("upstream unreachable")]
@@ -106,7 +106,15 @@ impl ProxyError {
         let status = self.status();
         let kind = self.kind();
         let mut body = serde_json::json!({ "kind": kind, "message": self.to_string() });
-        if let Self::Auth { credential, source } = &self {
+        let mut retry_after = None;
+        if let Self::Auth {
+            credential,
+            source,
+            retry_after: wait,
+        } = &self
+        {
+            // Whole seconds, rounded up, at least 1: a client retrying then finds a new exchange.
+            retry_after = Some((wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1));
             body["credential"] = credential.as_ref().into();
             if let AuthError::Rejected {
                 code,
@@ -124,8 +132,8 @@ impl ProxyError {
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(ERROR_HEADER, HeaderValue::from_static(kind));
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            headers.insert(RETRY_AFTER, HeaderValue::from(AUTH_RETRY_AFTER_SECS));
+        if let Some(secs) = retry_after {
+            headers.insert(RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }

@@ -73,7 +73,7 @@ impl Gateway {
                 .map_err(|e| err(format!("credentials.{name}.agent_id"), e.to_string()))?;
             credentials.insert(
                 name.clone(),
-                TokenSource::new(name, exchanger, c.refresh_before),
+                TokenSource::new(name, exchanger, c.refresh_before, c.max_backoff),
             );
         }
 

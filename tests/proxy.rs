@@ -368,6 +368,46 @@ async fn auth_garbage_and_unreachable_give_503_with_retry_after() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_code_10_answers_is_backed_off_40_requests_at_most_5_exchanges() {
+    let h = Harness::start().await;
+    h.auth.set_fault(Fault::Code(10));
+    let client = client();
+    for i in 0..40 {
+        let (status, headers, body) = send(&client, get(&h.url(&format!("/storm/{i}")))).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            json(&body)["auth_code"],
+            10,
+            "the last error, also during backoff"
+        );
+        let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((1..=30).contains(&retry_after), "{retry_after}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let exchanges = h.auth.requests();
+    assert!(
+        (1..=5).contains(&exchanges),
+        "{exchanges} exchanges for 40 requests"
+    );
+    assert_eq!(h.upstream.requests(), 0);
+    assert!(h.gateway.credential("partner").unwrap().backing_off());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_one_garbage_answer_the_first_request_5s_later_succeeds() {
+    let h = Harness::start().await;
+    h.auth.set_fault(Fault::Garbage);
+    let (status, _, _) = send(&client(), get(&h.url("/x"))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    h.auth.set_fault(Fault::None);
+    tokio::time::sleep(Duration::from_millis(5100)).await;
+    let (status, _, body) = send(&client(), get(&h.url("/x"))).await;
+    assert_eq!(status, StatusCode::OK, "{body:?}");
+    assert_eq!(h.auth.requests(), 2);
+    assert!(!h.gateway.credential("partner").unwrap().backing_off());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clients_own_authorization_is_replaced_by_exactly_one_bearer() {
     let h = Harness::start().await;
     let req = Request::get(h.url("/me"))

@@ -10,15 +10,12 @@ use moka::future::Cache;
 use moka::ops::compute::Op;
 use tokio::task::AbortHandle;
 
+use super::backoff::{Backoff, NoToken};
 use super::exchange::{AuthError, Exchanger};
 use super::token::Token;
 
 /// The largest share of the renewal lead added as random jitter, so fleets do not renew in step.
 pub const RENEW_JITTER_FRACTION: f64 = 0.1;
-/// The first wait after a failed background renewal.
-pub const RENEW_BACKOFF_START: Duration = Duration::from_millis(500);
-/// The longest wait between background renewal attempts.
-pub const RENEW_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// The token source of one credential. Cheap to clone; clones share the cache.
 #[derive(Clone)]
@@ -32,6 +29,7 @@ struct Inner {
     refresh_before: Duration,
     cache: Cache<(), Arc<Token>>,
     renewer: Mutex<Option<AbortHandle>>,
+    backoff: Backoff,
     exchanges: AtomicU64,
 }
 
@@ -56,8 +54,14 @@ impl Expiry<(), Arc<Token>> for UntilUnusable {
 }
 
 impl TokenSource {
-    /// A source for credential `name`, renewing `refresh_before` ahead of expiry (plus jitter).
-    pub fn new(name: &str, exchanger: Exchanger, refresh_before: Duration) -> Self {
+    /// A source for credential `name`, renewing `refresh_before` ahead of expiry (plus jitter),
+    /// and backing off at most `max_backoff` between failed exchanges.
+    pub fn new(
+        name: &str,
+        exchanger: Exchanger,
+        refresh_before: Duration,
+        max_backoff: Duration,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 name: name.into(),
@@ -68,6 +72,7 @@ impl TokenSource {
                     .expire_after(UntilUnusable)
                     .build(),
                 renewer: Mutex::new(None),
+                backoff: Backoff::new(max_backoff),
                 exchanges: AtomicU64::new(0),
             }),
         }
@@ -79,20 +84,39 @@ impl TokenSource {
     }
 
     /// A usable token: the cached one, or the result of the single exchange that all concurrent
-    /// cold callers share.
-    pub async fn token(&self) -> Result<Arc<Token>, Arc<AuthError>> {
+    /// cold callers share. While the credential backs off after a failure, no exchange runs and
+    /// the last error comes back at once.
+    pub async fn token(&self) -> Result<Arc<Token>, NoToken> {
         if let Some(token) = self.inner.cache.get(&()).await {
             return Ok(token);
         }
         let inner = &self.inner;
+        inner.backoff.check(Instant::now())?;
         inner
             .cache
             .try_get_with((), async {
                 let token = Arc::new(inner.exchange().await?);
                 inner.schedule_renewal(&token);
-                Ok(token)
+                Ok::<_, Arc<AuthError>>(token)
             })
             .await
+            .map_err(|error: Arc<Arc<AuthError>>| NoToken {
+                retry_after: match inner.backoff.check(Instant::now()) {
+                    Err(b) => b.retry_after,
+                    Ok(()) => Duration::ZERO,
+                },
+                error: (*error).clone(),
+            })
+    }
+
+    /// Whether exchanges are held back after a failure now.
+    pub fn backing_off(&self) -> bool {
+        self.inner.backoff.active(Instant::now())
+    }
+
+    /// The error of the last exchange, if it failed.
+    pub fn last_error(&self) -> Option<Arc<AuthError>> {
+        self.inner.backoff.last_error()
     }
 
     /// The cached token, if one is usable now. Never runs an exchange.
@@ -124,29 +148,37 @@ impl TokenSource {
     }
 
     /// Runs one exchange outside the cache (for `tokengate token`).
-    pub async fn exchange_once(&self) -> Result<Token, AuthError> {
+    pub async fn exchange_once(&self) -> Result<Token, Arc<AuthError>> {
         self.inner.exchange().await
     }
 }
 
 impl Inner {
-    async fn exchange(&self) -> Result<Token, AuthError> {
+    /// Runs one exchange and records its outcome in the backoff.
+    async fn exchange(&self) -> Result<Token, Arc<AuthError>> {
         self.exchanges.fetch_add(1, Ordering::Relaxed);
-        let result = self.exchanger.exchange().await;
+        let result = self.exchanger.exchange().await.map_err(Arc::new);
         match &result {
-            Ok(token) => tracing::info!(
+            Ok(token) => {
+                self.backoff.succeeded();
+                tracing::info!(
                 credential = %self.name,
                 generation = token.generation(),
                 lifetime_s = token.lifetime().as_secs(),
                 auth_log_uuid = token.log_uuid(),
                 "token obtained"
-            ),
-            Err(error) => tracing::warn!(
-                credential = %self.name,
-                error = %crate::error::Chain(error),
-                auth_log_uuid = error.log_uuid(),
-                "token exchange failed"
-            ),
+                )
+            }
+            Err(error) => {
+                let delay = self.backoff.failed(error.clone(), Instant::now());
+                tracing::warn!(
+                    credential = %self.name,
+                    error = %crate::error::Chain(&**error),
+                    auth_log_uuid = error.log_uuid(),
+                    backoff_ms = delay.as_millis() as u64,
+                    "token exchange failed"
+                )
+            }
         }
         result
     }
@@ -188,14 +220,14 @@ impl Drop for Inner {
 }
 
 /// The renewal loop: before `token` runs out, exchange for a new one. On failure the current token
-/// keeps serving; attempts back off until it is no longer usable, then the cold path takes over.
+/// keeps serving; attempts follow the credential's backoff until the token is no longer usable,
+/// then the cold path takes over (still under the same backoff).
 async fn renew(source: Weak<Inner>, mut token: Arc<Token>) {
     loop {
         let Some(at) = source.upgrade().map(|s| s.renew_at(&token)) else {
             return;
         };
         tokio::time::sleep_until(at.into()).await;
-        let mut backoff = RENEW_BACKOFF_START;
         token = loop {
             let Some(inner) = source.upgrade() else {
                 return;
@@ -206,14 +238,19 @@ async fn renew(source: Weak<Inner>, mut token: Arc<Token>) {
                     inner.cache.insert((), fresh.clone()).await;
                     break fresh;
                 }
-                Err(_) if Instant::now() + backoff >= token.usable_until() => {
-                    tracing::warn!(credential = %inner.name, "renewal gave up; token lapses");
-                    return;
-                }
                 Err(_) => {
+                    let now = Instant::now();
+                    let wait = inner
+                        .backoff
+                        .check(now)
+                        .err()
+                        .map_or(Duration::ZERO, |b| b.retry_after);
+                    if now + wait >= token.usable_until() {
+                        tracing::warn!(credential = %inner.name, "renewal gave up; token lapses");
+                        return;
+                    }
                     drop(inner);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(RENEW_BACKOFF_MAX);
+                    tokio::time::sleep(wait).await;
                 }
             }
         };

@@ -60,13 +60,11 @@ where
                 return inner.call(req).await;
             };
             let source = &ctx.route.credential;
-            let token = source
-                .token()
-                .await
-                .map_err(|source_err| ProxyError::Auth {
-                    credential: source.name().clone(),
-                    source: source_err,
-                })?;
+            let token = source.token().await.map_err(|no| ProxyError::Auth {
+                credential: source.name().clone(),
+                source: no.error,
+                retry_after: no.retry_after,
+            })?;
             // Set after hop-by-hop stripping, so nothing the client sent can remove or double it.
             req.headers_mut()
                 .insert(AUTHORIZATION, token.header().clone());

@@ -1,5 +1,6 @@
 //! The credential side: the exchange protocol, tokens, the token cache and bearer injection.
 
+pub mod backoff;
 pub mod cache;
 pub mod crypto;
 pub mod exchange;
