@@ -32,6 +32,18 @@ pub fn client(connector: Connector) -> UpstreamClient {
         .build(connector)
 }
 
+/// Whether a client error is a connect attempt that timed out (504, not 502).
+fn is_connect_timeout(error: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return error.is_connect() && io.kind() == std::io::ErrorKind::TimedOut;
+        }
+        source = e.source();
+    }
+    false
+}
+
 /// Sends each routed request to its route's upstream and waits at most `timeout` for the head.
 #[derive(Debug, Clone, Copy)]
 pub struct Upstream {
@@ -70,7 +82,10 @@ impl Service<Request<ProxyBody>> for Upstream {
             let response = tokio::time::timeout(timeout, sent)
                 .await
                 .map_err(|_| ProxyError::UpstreamTimeout(timeout))?
-                .map_err(ProxyError::UpstreamUnreachable)?;
+                .map_err(|e| match is_connect_timeout(&e) {
+                    true => ProxyError::UpstreamTimeout(crate::tls::CONNECT_TIMEOUT),
+                    false => ProxyError::UpstreamUnreachable(e),
+                })?;
             let (mut parts, body) = response.into_parts();
             crate::hop::strip(&mut parts.headers);
             Ok(ProxyResponse::from_parts(parts, ProxyBody::Streaming(body)))

@@ -408,6 +408,66 @@ async fn after_one_garbage_answer_the_first_request_5s_later_succeeds() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_auth_server_gives_503_at_the_exchange_timeout() {
+    let h = Harness::with(Setup {
+        credential_extra: "timeout = \"300ms\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    // Answered normally, but only after the timeout: without it the client would get 200.
+    h.auth.set_fault(Fault::Delay(Duration::from_secs(2)));
+    let (status, headers, body) = send(&client(), get(&h.url("/x"))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body:?}");
+    assert_eq!(headers["x-tokengate-error"], "auth_unavailable");
+    assert!(
+        json(&body)["message"]
+            .as_str()
+            .unwrap()
+            .contains("timed out")
+    );
+    assert_eq!(h.upstream.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upstream_gives_504_at_request_timeout() {
+    let h = Harness::with(Setup {
+        server_extra: "request_timeout = \"300ms\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    let (status, headers, body) = send(&client(), get(&h.url("/slow/2000"))).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body:?}");
+    assert_eq!(headers["x-tokengate-error"], "upstream_timeout");
+    // Within the timeout the same endpoint answers.
+    let (status, _, _) = send(&client(), get(&h.url("/slow/10"))).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_client_is_disconnected_at_header_read_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::with(Setup {
+        server_extra: "header_read_timeout = \"500ms\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
+    stream
+        .write_all(b"GET /x HTTP/1.1\r\nHost: a\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    // The server closes the connection; without the timeout this read would wait forever.
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
+        .await
+        .expect("the proxy closed the slow connection")
+        .ok();
+    assert!(!String::from_utf8_lossy(&rest).contains("200 OK"));
+    assert_eq!(h.upstream.requests(), 0);
+    assert_eq!(h.auth.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clients_own_authorization_is_replaced_by_exactly_one_bearer() {
     let h = Harness::start().await;
     let req = Request::get(h.url("/me"))

@@ -60,6 +60,8 @@ pub enum Fault {
     Code(i64),
     /// Answer HTTP 502 with an HTML body.
     Garbage,
+    /// Wait this long, then answer normally.
+    Delay(Duration),
 }
 
 /// The sandbox auth server's state, shared with the test or demo that runs it.
@@ -135,6 +137,10 @@ impl AuthState {
                     .expect("static parts");
             }
             Fault::Code(code) => Err(code),
+            Fault::Delay(wait) => {
+                tokio::time::sleep(wait).await;
+                self.verify_and_issue(req).await
+            }
             Fault::None => self.verify_and_issue(req).await,
         };
         let code = outcome.as_ref().err().copied().unwrap_or(0);

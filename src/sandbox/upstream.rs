@@ -1,6 +1,6 @@
 //! The sandbox upstream: accepts a request only with exactly one valid, unexpired, unrevoked
-//! sandbox Bearer token, records what it saw, and echoes the request (or streams `/bytes/N`, or
-//! answers `/redirect` with a 302).
+//! sandbox Bearer token, records what it saw, and echoes the request (or streams `/bytes/N`,
+//! answers `/redirect` with a 302, or answers `/slow/MS` after MS milliseconds).
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -222,6 +222,11 @@ impl UpstreamState {
                 );
                 r
             }
+            Ok(()) if slow_ms(parts.uri.path()).is_some() => {
+                let wait = slow_ms(parts.uri.path()).unwrap_or_default();
+                tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+                json_response(StatusCode::OK, &serde_json::json!({ "slept_ms": wait }))
+            }
             Ok(()) if parts.uri.path() == "/redirect" => Response::builder()
                 .status(StatusCode::FOUND)
                 .header(http::header::LOCATION, "/elsewhere")
@@ -261,6 +266,16 @@ impl UpstreamState {
         });
         response
     }
+}
+
+/// The most `/slow/MS` may wait.
+pub const MAX_SLOW_MS: u64 = 60_000;
+
+fn slow_ms(path: &str) -> Option<u64> {
+    path.strip_prefix("/slow/")?
+        .parse()
+        .ok()
+        .filter(|ms| *ms <= MAX_SLOW_MS)
 }
 
 fn download_size(path: &str) -> Option<u64> {

@@ -33,6 +33,8 @@ pub struct Setup {
     pub agent_id: String,
     /// `server.max_replay_body`.
     pub max_replay_body: usize,
+    /// Extra lines for `[server]`.
+    pub server_extra: String,
     /// Extra lines for `[credentials.partner]`.
     pub credential_extra: String,
     /// Extra `[[routes]]` tables placed before the default catch-all route.
@@ -53,6 +55,7 @@ impl Default for Setup {
             expires_in: 3600,
             agent_id: AGENT.into(),
             max_replay_body: 64 * 1024,
+            server_extra: String::new(),
             credential_extra: String::new(),
             routes_before: String::new(),
             route_extra: String::new(),
@@ -89,6 +92,7 @@ impl Harness {
 [server]
 listen = "127.0.0.1:0"
 max_replay_body = {max_replay_body}
+{server_extra}
 
 [admin]
 listen = "127.0.0.1:0"
@@ -107,6 +111,7 @@ credential = "partner"
 {route_extra}
 "#,
             max_replay_body = setup.max_replay_body,
+            server_extra = setup.server_extra,
             auth_url = sandbox.auth_url(),
             agent = setup.agent_id,
             credential_extra = setup.credential_extra,
