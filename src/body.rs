@@ -1,28 +1,61 @@
-//! Request and response bodies, and the middleware that makes small request bodies replayable:
-//! bodies of known length up to `max_replay_body` are buffered; the rest stream and are not
-//! replayed.
+//! Bodies, and the middleware that guards and buffers request bodies: every streamed body is held
+//! to a size limit and an idle timeout; request bodies of known length up to `max_replay_body`
+//! are buffered so they can be replayed; the rest stream and are not replayed.
 
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
 use crate::error::ProxyError;
 
-/// A body in either direction: bytes the proxy holds whole, or a stream from a peer.
+/// Which peer a streamed body comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client's request body.
+    Client,
+    /// The upstream's response body.
+    Upstream,
+}
+
+/// Why a streamed body stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// More bytes than allowed.
+    #[error("body exceeds {limit} bytes")]
+    TooLarge {
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// No data for longer than the idle timeout.
+    #[error("{side:?} body idle for {after:?}")]
+    Idle {
+        /// Whose body stalled.
+        side: Side,
+        /// The idle timeout.
+        after: Duration,
+    },
+    /// The connection failed.
+    #[error("body transport failed")]
+    Transport(#[source] hyper::Error),
+}
+
+/// A body in either direction: bytes the proxy holds whole, or a guarded stream from a peer.
 #[derive(Debug)]
 pub enum ProxyBody {
     /// Held whole (possibly empty): a buffered request body, or a response the proxy wrote.
     /// It can be replayed.
     Full(Option<Bytes>),
     /// Streaming from the client or the upstream; it cannot be replayed.
-    Streaming(Incoming),
+    Streaming(Guarded),
 }
 
 impl ProxyBody {
@@ -42,12 +75,12 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Self::Streaming(body) => Pin::new(body).poll_frame(cx),
@@ -57,28 +90,116 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Full(bytes) => bytes.is_none(),
-            Self::Streaming(body) => body.is_end_stream(),
+            Self::Streaming(body) => body.inner.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            Self::Streaming(body) => body.size_hint(),
+            Self::Streaming(body) => body.inner.size_hint(),
         }
     }
 }
 
-/// Buffers request bodies of known length up to `max_replay_body` so they can be replayed.
+/// A peer's body held to a byte limit and an idle timeout: waiting longer than `idle` for the
+/// next frame fails it with [`BodyError::Idle`].
+#[derive(Debug)]
+pub struct Guarded {
+    inner: Incoming,
+    side: Side,
+    limit: u64,
+    read: u64,
+    idle: Duration,
+    timer: Pin<Box<Sleep>>,
+    waiting: bool,
+}
+
+impl Guarded {
+    /// Guards `inner` from `side` with a byte `limit` and an `idle` timeout.
+    pub fn new(inner: Incoming, side: Side, limit: u64, idle: Duration) -> Self {
+        Self {
+            inner,
+            side,
+            limit,
+            read: 0,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+            waiting: false,
+        }
+    }
+}
+
+impl Body for Guarded {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        // The idle clock measures one wait for the peer, not time the reader spent elsewhere.
+        if !this.waiting {
+            this.waiting = true;
+            let deadline = Instant::now() + this.idle;
+            this.timer.as_mut().reset(deadline);
+        }
+        let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => {
+                ready!(this.timer.as_mut().poll(cx));
+                return Poll::Ready(Some(Err(BodyError::Idle {
+                    side: this.side,
+                    after: this.idle,
+                })));
+            }
+            Poll::Ready(frame) => frame,
+        };
+        this.waiting = false;
+        let frame = match frame {
+            None => return Poll::Ready(None),
+            Some(Err(e)) => return Poll::Ready(Some(Err(BodyError::Transport(e)))),
+            Some(Ok(frame)) => frame,
+        };
+        if let Some(data) = frame.data_ref() {
+            this.read += data.len() as u64;
+            if this.read > this.limit {
+                return Poll::Ready(Some(Err(BodyError::TooLarge { limit: this.limit })));
+            }
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The limits on request bodies.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    /// Bodies of known length up to this many bytes are buffered for replay.
+    pub max_replay_body: u64,
+    /// No request body may be larger: 413 `body_too_large`.
+    pub max_request_body: u64,
+    /// The longest wait for the next piece of a body: 408 `client_timeout`.
+    pub idle_timeout: Duration,
+}
+
+/// Guards request bodies and buffers the replayable ones; see the module docs.
 #[derive(Debug, Clone, Copy)]
 pub struct ReplayBodyLayer {
-    max_replay_body: usize,
+    limits: BodyLimits,
 }
 
 impl ReplayBodyLayer {
-    /// Buffers bodies whose declared length is at most `max_replay_body` bytes.
-    pub fn new(max_replay_body: usize) -> Self {
-        Self { max_replay_body }
+    /// Applies `limits` to every request body.
+    pub fn new(limits: BodyLimits) -> Self {
+        Self { limits }
     }
 }
 
@@ -88,7 +209,7 @@ impl<S> Layer<S> for ReplayBodyLayer {
     fn layer(&self, inner: S) -> Self::Service {
         ReplayBody {
             inner,
-            max_replay_body: self.max_replay_body,
+            limits: self.limits,
         }
     }
 }
@@ -97,12 +218,13 @@ impl<S> Layer<S> for ReplayBodyLayer {
 #[derive(Debug, Clone)]
 pub struct ReplayBody<S> {
     inner: S,
-    max_replay_body: usize,
+    limits: BodyLimits,
 }
 
 impl<S> Service<Request<Incoming>> for ReplayBody<S>
 where
     S: Service<Request<ProxyBody>, Error = ProxyError> + Clone + Send + 'static,
+    S::Response: Send,
     S::Future: Send,
 {
     type Response = S::Response;
@@ -114,12 +236,29 @@ where
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let limits = self.limits;
         let (parts, body) = req.into_parts();
-        let replayable = body.is_end_stream()
-            || body
-                .size_hint()
-                .exact()
-                .is_some_and(|len| len <= self.max_replay_body as u64);
+        // A declared length over the limit is refused before any exchange or upstream dial.
+        if body.size_hint().lower() > limits.max_request_body {
+            let too_large = ProxyError::BodyTooLarge {
+                limit: limits.max_request_body,
+            };
+            return Box::pin(std::future::ready(Err(too_large)));
+        }
+        if body.is_end_stream() {
+            let request = Request::from_parts(parts, ProxyBody::Full(None));
+            return Box::pin(self.inner.call(request));
+        }
+        let replayable = body
+            .size_hint()
+            .exact()
+            .is_some_and(|len| len <= limits.max_replay_body);
+        let body = Guarded::new(
+            body,
+            Side::Client,
+            limits.max_request_body,
+            limits.idle_timeout,
+        );
         if !replayable {
             let request = Request::from_parts(parts, ProxyBody::Streaming(body));
             return Box::pin(self.inner.call(request));
@@ -127,21 +266,14 @@ where
         // The inner service was made ready by poll_ready; the clone takes its place.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let limit = self.max_replay_body;
         Box::pin(async move {
-            let bytes = if body.is_end_stream() {
-                None
-            } else {
-                let collected = Limited::new(body, limit).collect().await.map_err(|e| {
-                    match e.downcast::<hyper::Error>() {
-                        Ok(e) => ProxyError::ClientBody(*e),
-                        Err(_) => ProxyError::BodyTooLarge { limit },
-                    }
-                })?;
-                Some(collected.to_bytes())
-            };
+            let bytes = body
+                .collect()
+                .await
+                .map_err(ProxyError::from_body)?
+                .to_bytes();
             inner
-                .call(Request::from_parts(parts, ProxyBody::Full(bytes)))
+                .call(Request::from_parts(parts, ProxyBody::Full(Some(bytes))))
                 .await
         })
     }

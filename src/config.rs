@@ -62,9 +62,23 @@ pub struct ServerConfig {
     /// How long the upstream may take to answer (response head). Default 30 s.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
-    /// How long a client may take to send its request headers. Default 10 s.
+    /// How long a client may take to send its request headers; on HTTP/1.1 this also bounds
+    /// how long a keep-alive connection may sit idle. Default 10 s.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// The largest request body accepted, in bytes: 413 `body_too_large` (before any exchange or
+    /// upstream dial when the length is declared). Default 16 MiB.
+    pub max_request_body: u64,
+    /// The longest wait for the next piece of a body: a client's stalled upload gets 408
+    /// `client_timeout`; an upstream's stalled response is cut off. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub body_idle_timeout: Duration,
+    /// The most client connections served at once; further ones wait in the accept queue.
+    /// Default 10000.
+    pub max_connections: usize,
+    /// The most requests in flight at once; past it requests are shed with 503 `overloaded`.
+    /// Default 4096.
+    pub max_concurrent_requests: usize,
 }
 
 impl Default for ServerConfig {
@@ -74,6 +88,10 @@ impl Default for ServerConfig {
             max_replay_body: 64 * 1024,
             request_timeout: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(10),
+            max_request_body: 16 * 1024 * 1024,
+            body_idle_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
+            max_concurrent_requests: 4096,
         }
     }
 }
@@ -340,12 +358,30 @@ impl Config {
                 format!("must be at most {MAX_REPLAY_BODY_LIMIT} bytes"),
             ));
         }
+        if self.server.max_replay_body as u64 > self.server.max_request_body {
+            return Err(err(
+                "server.max_replay_body".into(),
+                "must not exceed server.max_request_body".into(),
+            ));
+        }
+        for (key, n) in [
+            ("server.max_connections", self.server.max_connections),
+            (
+                "server.max_concurrent_requests",
+                self.server.max_concurrent_requests,
+            ),
+        ] {
+            if n == 0 {
+                return Err(err(key.into(), "must be at least 1".into()));
+            }
+        }
         for (key, d) in [
             ("server.request_timeout", self.server.request_timeout),
             (
                 "server.header_read_timeout",
                 self.server.header_read_timeout,
             ),
+            ("server.body_idle_timeout", self.server.body_idle_timeout),
         ] {
             if d.is_zero() {
                 return Err(err(key.into(), "must be greater than zero".into()));
@@ -492,6 +528,10 @@ credential = "partner"
             .replace("# max_replay_body", "max_replay_body")
             .replace("# request_timeout", "request_timeout")
             .replace("# header_read_timeout", "header_read_timeout")
+            .replace("# max_request_body", "max_request_body")
+            .replace("# body_idle_timeout", "body_idle_timeout")
+            .replace("# max_connections", "max_connections")
+            .replace("# max_concurrent_requests", "max_concurrent_requests")
             .replace("# encryption_key", "encryption_key")
             .replace("# signature", "signature")
             .replace("# cipher_text_layout", "cipher_text_layout")

@@ -8,7 +8,7 @@ use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 
 use crate::auth::exchange::AuthError;
-use crate::body::{ProxyBody, ProxyResponse};
+use crate::body::{BodyError, ProxyBody, ProxyResponse};
 
 /// A boxed error, for sources of any type.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -46,11 +46,17 @@ pub enum ProxyError {
     #[error("request body exceeds {limit} bytes")]
     BodyTooLarge {
         /// The limit in bytes.
-        limit: usize,
+        limit: u64,
     },
-    /// The client stopped sending its body.
+    /// The client stopped sending its body for longer than the idle timeout.
+    #[error("client body idle for {0:?}")]
+    ClientTimeout(Duration),
+    /// Reading the client's body failed.
     #[error("client body read failed")]
     ClientBody(#[source] hyper::Error),
+    /// Too many requests in flight; this one was shed.
+    #[error("too many requests in flight")]
+    Overloaded,
     /// A method tokengate never forwards (CONNECT, TRACE).
     #[error("method {0} is not forwarded")]
     MethodNotAllowed(http::Method),
@@ -77,6 +83,8 @@ impl ProxyError {
             Self::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::ClientBody(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -94,9 +102,20 @@ impl ProxyError {
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::BodyTooLarge { .. } => "body_too_large",
+            Self::ClientTimeout(_) => "client_timeout",
+            Self::Overloaded => "overloaded",
             Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::ClientBody(_) | Self::BadRequest(_) => "bad_request",
             Self::Internal(_) => "internal",
+        }
+    }
+
+    /// The error for a request body that stopped: too large, idle, or broken.
+    pub fn from_body(error: BodyError) -> Self {
+        match error {
+            BodyError::TooLarge { limit } => Self::BodyTooLarge { limit },
+            BodyError::Idle { after, .. } => Self::ClientTimeout(after),
+            BodyError::Transport(e) => Self::ClientBody(e),
         }
     }
 
@@ -132,10 +151,24 @@ impl ProxyError {
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(ERROR_HEADER, HeaderValue::from_static(kind));
+        if matches!(self, Self::Overloaded) {
+            retry_after = Some(1);
+        }
         if let Some(secs) = retry_after {
             headers.insert(RETRY_AFTER, HeaderValue::from(secs));
         }
         response
+    }
+}
+
+impl From<BoxError> for ProxyError {
+    /// Unboxes errors that passed through tower's generic layers (load shedding).
+    fn from(error: BoxError) -> Self {
+        match error.downcast::<ProxyError>() {
+            Ok(e) => *e,
+            Err(e) if e.is::<tower::load_shed::error::Overloaded>() => Self::Overloaded,
+            Err(_) => Self::Internal("unexpected error from a tower layer"),
+        }
     }
 }
 

@@ -28,8 +28,10 @@ use crate::route::{Route, RouteSpec, Routes};
 use crate::upstream::UpstreamClient;
 use crate::{admin, stack, tls, upstream};
 
-/// The most client connections served at once per listener; more wait in the accept queue.
-pub const MAX_CONNECTIONS: usize = 10_000;
+/// The most connections the admin listener serves at once.
+pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+/// The most request headers a client may send (HTTP/1): 431 beyond.
+pub const MAX_HEADERS: usize = 100;
 /// The most bytes of request head a client may send (HTTP/1).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// The most concurrent HTTP/2 streams per client connection.
@@ -140,9 +142,16 @@ impl Gateway {
         let http = Arc::new(http_builder(&self.config.server));
         let mut tasks = JoinSet::new();
         let service = stack::proxy(self.routes.clone(), &self.config.server);
-        tasks.spawn(serve(proxy, service, http.clone(), stopped.clone()));
+        let max_connections = self.config.server.max_connections;
+        tasks.spawn(serve(
+            proxy,
+            service,
+            http.clone(),
+            stopped.clone(),
+            max_connections,
+        ));
         let service = admin::service(self.credentials.clone());
-        tasks.spawn(serve(admin, service, http, stopped));
+        tasks.spawn(serve(admin, service, http, stopped, MAX_ADMIN_CONNECTIONS));
         tracing::info!(%proxy_addr, %admin_addr, routes = self.config.routes.len(), "tokengate serving");
         Ok(Running {
             proxy_addr,
@@ -196,6 +205,7 @@ fn http_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(server.header_read_timeout)
         .max_buf_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADERS)
         .keep_alive(true);
     builder
         .http2()
@@ -204,13 +214,14 @@ fn http_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Accepts connections on `listener` and serves `service` on each until `stop` flips, then
-/// drains open connections for at most [`SHUTDOWN_GRACE`].
+/// Accepts connections on `listener` and serves `service` on each, at most `max_connections` at
+/// once, until `stop` flips; then drains open connections for at most [`SHUTDOWN_GRACE`].
 pub async fn serve<S, B>(
     listener: TcpListener,
     service: S,
     http: Arc<auto::Builder<TokioExecutor>>,
     mut stop: watch::Receiver<bool>,
+    max_connections: usize,
 ) where
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Clone
@@ -222,7 +233,7 @@ pub async fn serve<S, B>(
     B::Error: Into<BoxError>,
 {
     let graceful = GracefulShutdown::new();
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let permits = Arc::new(Semaphore::new(max_connections));
     loop {
         let permit = tokio::select! {
             permit = permits.clone().acquire_owned() => match permit {

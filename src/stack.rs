@@ -6,12 +6,16 @@ use std::sync::Arc;
 use http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
+use tower::limit::ConcurrencyLimitLayer;
+use tower::load_shed::LoadShedLayer;
+use tower::util::MapErrLayer;
 use tower::{Service, ServiceBuilder};
 use tower_http::trace::TraceLayer;
 
 use crate::auth::inject::InjectBearerLayer;
-use crate::body::ReplayBodyLayer;
+use crate::body::{BodyError, BodyLimits, ReplayBodyLayer};
 use crate::config::ServerConfig;
+use crate::error::{BoxError, ProxyError};
 use crate::rescue::RescueLayer;
 use crate::retry::RetryOn401Layer;
 use crate::route::{RouteLayer, Routes};
@@ -23,7 +27,7 @@ pub fn proxy(
     server: &ServerConfig,
 ) -> impl Service<
     Request<Incoming>,
-    Response = Response<impl Body<Data = bytes::Bytes, Error = hyper::Error> + Send + 'static>,
+    Response = Response<impl Body<Data = bytes::Bytes, Error = BodyError> + Send + 'static>,
     Error = Infallible,
     Future = impl Send + 'static,
 > + Clone
@@ -34,14 +38,27 @@ pub fn proxy(
         .layer(TraceLayer::new_for_http())
         // The one place a ProxyError becomes its JSON response; nothing below writes errors.
         .layer(RescueLayer)
+        // Shed load past max_concurrent_requests (503 overloaded) instead of queueing it.
+        .layer(MapErrLayer::new(
+            ProxyError::from as fn(BoxError) -> ProxyError,
+        ))
+        .layer(LoadShedLayer::new())
+        .layer(ConcurrencyLimitLayer::new(server.max_concurrent_requests))
         // Pick the route, rewrite the URI, strip hop-by-hop, apply client_authorization.
         .layer(RouteLayer::new(routes))
-        // Buffer small bodies of known length so they can be replayed; stream the rest.
-        .layer(ReplayBodyLayer::new(server.max_replay_body))
+        // Hold bodies to max_request_body and body_idle_timeout; buffer small ones for replay.
+        .layer(ReplayBodyLayer::new(BodyLimits {
+            max_replay_body: server.max_replay_body as u64,
+            max_request_body: server.max_request_body,
+            idle_timeout: server.body_idle_timeout,
+        }))
         // On 401 to our token: invalidate it if still current, replay once with a fresh one.
         .layer(RetryOn401Layer)
         // Set Authorization from the cache (or the one shared exchange); after stripping.
         .layer(InjectBearerLayer)
-        // Pooled http/https client, bounded by request_timeout.
-        .service(Upstream::new(server.request_timeout))
+        // Pooled http/https client, bounded by request_timeout; response bodies by idleness.
+        .service(Upstream::new(
+            server.request_timeout,
+            server.body_idle_timeout,
+        ))
 }

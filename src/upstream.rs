@@ -10,7 +10,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower::Service;
 
-use crate::body::{ProxyBody, ProxyResponse};
+use crate::body::{BodyError, Guarded, ProxyBody, ProxyResponse, Side};
 use crate::error::ProxyError;
 use crate::route::RouteCtx;
 use crate::tls::Connector;
@@ -32,28 +32,41 @@ pub fn client(connector: Connector) -> UpstreamClient {
         .build(connector)
 }
 
-/// Whether a client error is a connect attempt that timed out (504, not 502).
-fn is_connect_timeout(error: &hyper_util::client::legacy::Error) -> bool {
-    let mut source = std::error::Error::source(error);
+/// Classifies a failed send: the client's body gave out (413/408/400), the connect attempt timed
+/// out (504), or the upstream could not be reached or talked to (502).
+fn send_error(error: hyper_util::client::legacy::Error) -> ProxyError {
+    let mut source = std::error::Error::source(&error);
     while let Some(e) = source {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            return error.is_connect() && io.kind() == std::io::ErrorKind::TimedOut;
+        if let Some(body) = e.downcast_ref::<BodyError>() {
+            return match body {
+                BodyError::TooLarge { limit } => ProxyError::BodyTooLarge { limit: *limit },
+                BodyError::Idle { after, .. } => ProxyError::ClientTimeout(*after),
+                BodyError::Transport(_) => ProxyError::BadRequest("client body broke off"),
+            };
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && error.is_connect()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            return ProxyError::UpstreamTimeout(crate::tls::CONNECT_TIMEOUT);
         }
         source = e.source();
     }
-    false
+    ProxyError::UpstreamUnreachable(error)
 }
 
-/// Sends each routed request to its route's upstream and waits at most `timeout` for the head.
+/// Sends each routed request to its route's upstream, waits at most `timeout` for the head,
+/// and guards the response body with `body_idle` (a stalled upstream is cut off).
 #[derive(Debug, Clone, Copy)]
 pub struct Upstream {
     timeout: Duration,
+    body_idle: Duration,
 }
 
 impl Upstream {
-    /// An upstream sender waiting at most `timeout` for each response head.
-    pub fn new(timeout: Duration) -> Self {
-        Self { timeout }
+    /// An upstream sender; see the type's docs.
+    pub fn new(timeout: Duration, body_idle: Duration) -> Self {
+        Self { timeout, body_idle }
     }
 }
 
@@ -77,17 +90,15 @@ impl Service<Request<ProxyBody>> for Upstream {
             ))));
         };
         let sent = client.request(req);
-        let timeout = self.timeout;
+        let Self { timeout, body_idle } = *self;
         Box::pin(async move {
             let response = tokio::time::timeout(timeout, sent)
                 .await
                 .map_err(|_| ProxyError::UpstreamTimeout(timeout))?
-                .map_err(|e| match is_connect_timeout(&e) {
-                    true => ProxyError::UpstreamTimeout(crate::tls::CONNECT_TIMEOUT),
-                    false => ProxyError::UpstreamUnreachable(e),
-                })?;
+                .map_err(send_error)?;
             let (mut parts, body) = response.into_parts();
             crate::hop::strip(&mut parts.headers);
+            let body = Guarded::new(body, Side::Upstream, u64::MAX, body_idle);
             Ok(ProxyResponse::from_parts(parts, ProxyBody::Streaming(body)))
         })
     }

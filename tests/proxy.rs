@@ -468,6 +468,125 @@ async fn a_slowloris_client_is_disconnected_at_header_read_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_max_request_body_get_413_declared_ones_before_any_exchange() {
+    let h = Harness::with(Setup {
+        server_extra: "max_request_body = 100000".into(),
+        ..Setup::default()
+    })
+    .await;
+    let client = client();
+    let req = Request::post(h.url("/big"))
+        .body(full(vec![0u8; 100_001]))
+        .unwrap();
+    let (status, headers, _) = send(&client, req).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(headers["x-tokengate-error"], "body_too_large");
+    assert_eq!(
+        h.auth.requests(),
+        0,
+        "no exchange for a body refused up front"
+    );
+    assert_eq!(h.upstream.requests(), 0, "no upstream dial");
+
+    // A chunked body of unknown length is cut off where it crosses the limit.
+    let chunks: Vec<Result<Frame<Bytes>, BoxError>> = (0..20)
+        .map(|_| Ok(Frame::data(Bytes::from(vec![1u8; 10_000]))))
+        .collect();
+    let body = StreamBody::new(tokio_stream::iter(chunks)).boxed();
+    let (status, headers, _) =
+        send(&client, Request::post(h.url("/big")).body(body).unwrap()).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(headers["x-tokengate-error"], "body_too_large");
+    assert!(
+        h.upstream.body_bytes() <= 100_000,
+        "never more than the limit forwarded"
+    );
+
+    let req = Request::post(h.url("/ok"))
+        .body(full(vec![0u8; 100_000]))
+        .unwrap();
+    assert_eq!(send(&client, req).await.0, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_client_body_gets_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::with(Setup {
+        server_extra: "body_idle_timeout = \"300ms\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    for (framing, start) in [
+        ("content-length: 100", "0123456789".to_owned()),
+        (
+            "transfer-encoding: chunked",
+            "a\r\n0123456789\r\n".to_owned(),
+        ),
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
+        let head = format!(
+            "POST /slow-body HTTP/1.1\r\nhost: a\r\nconnection: close\r\n{framing}\r\n\r\n{start}"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out))
+            .await
+            .expect("the proxy answered the stalled upload")
+            .unwrap();
+        let out = String::from_utf8_lossy(&out).to_lowercase();
+        assert!(out.starts_with("http/1.1 408"), "{framing}: {out}");
+        assert!(out.contains("x-tokengate-error: client_timeout"), "{out}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_or_too_many_headers_get_431() {
+    let h = Harness::start().await;
+    let big = format!(
+        "GET /x HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(70 * 1024)
+    );
+    let (status, _) = raw_request(h.proxy, &big).await;
+    assert_eq!(status, 431);
+    let many: String = (0..150).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let (status, _) = raw_request(
+        h.proxy,
+        &format!("GET /x HTTP/1.1\r\nHost: a\r\n{many}Connection: close\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(status, 431);
+    assert_eq!(h.upstream.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_max_concurrent_requests_are_shed_with_503() {
+    let h = Harness::with(Setup {
+        server_extra: "max_concurrent_requests = 2".into(),
+        ..Setup::default()
+    })
+    .await;
+    let client = client();
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let (client, url) = (client.clone(), h.url("/slow/1500"));
+        slow.push(tokio::spawn(
+            async move { send(&client, get(&url)).await.0 },
+        ));
+    }
+    while h.upstream.requests() < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, headers, body) = send(&client, get(&h.url("/third"))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body:?}");
+    assert_eq!(headers["x-tokengate-error"], "overloaded");
+    assert_eq!(headers["retry-after"], "1");
+    for task in slow {
+        assert_eq!(task.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(send(&client, get(&h.url("/after"))).await.0, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clients_own_authorization_is_replaced_by_exactly_one_bearer() {
     let h = Harness::start().await;
     let req = Request::get(h.url("/me"))

@@ -19,6 +19,9 @@ use sha2::Sha256;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+/// The most connections a sandbox server serves at once.
+pub const SANDBOX_MAX_CONNECTIONS: usize = 4096;
+
 /// The body type of sandbox responses.
 pub type SandboxBody = BoxBody<Bytes, Infallible>;
 
@@ -209,7 +212,13 @@ where
     let http = Arc::new(hyper_util::server::conn::auto::Builder::new(
         hyper_util::rt::TokioExecutor::new(),
     ));
-    tokio::spawn(crate::server::serve(listener, service, http, stopped));
+    tokio::spawn(crate::server::serve(
+        listener,
+        service,
+        http,
+        stopped,
+        SANDBOX_MAX_CONNECTIONS,
+    ));
     Ok(Handle { addr, _stop: stop })
 }
 
