@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 
 use crate::auth::exchange::AuthError;
@@ -60,6 +60,10 @@ pub enum ProxyError {
     /// A method tokengate never forwards (CONNECT, TRACE).
     #[error("method {0} is not forwarded")]
     MethodNotAllowed(http::Method),
+    /// The request's body framing is ambiguous; the connection is closed after the answer, since
+    /// where a next request would begin is unknown.
+    #[error("bad request: {0}")]
+    AmbiguousFraming(&'static str),
     /// The request is not acceptable.
     #[error("bad request: {0}")]
     BadRequest(&'static str),
@@ -86,7 +90,9 @@ impl ProxyError {
             Self::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Self::ClientBody(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::ClientBody(_) | Self::BadRequest(_) | Self::AmbiguousFraming(_) => {
+                StatusCode::BAD_REQUEST
+            }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -105,7 +111,7 @@ impl ProxyError {
             Self::ClientTimeout(_) => "client_timeout",
             Self::Overloaded => "overloaded",
             Self::MethodNotAllowed(_) => "method_not_allowed",
-            Self::ClientBody(_) | Self::BadRequest(_) => "bad_request",
+            Self::ClientBody(_) | Self::BadRequest(_) | Self::AmbiguousFraming(_) => "bad_request",
             Self::Internal(_) => "internal",
         }
     }
@@ -153,6 +159,9 @@ impl ProxyError {
         headers.insert(ERROR_HEADER, HeaderValue::from_static(kind));
         if matches!(self, Self::Overloaded) {
             retry_after = Some(1);
+        }
+        if matches!(self, Self::AmbiguousFraming(_)) {
+            headers.insert(CONNECTION, HeaderValue::from_static("close"));
         }
         if let Some(secs) = retry_after {
             headers.insert(RETRY_AFTER, HeaderValue::from(secs));

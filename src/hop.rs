@@ -1,5 +1,5 @@
 //! Hop-by-hop headers (RFC 9110 §7.6.1): removed in both directions, with every header the
-//! `Connection` header names.
+//! `Connection` header names; and the framing check that refuses ambiguous request bodies.
 
 use http::HeaderMap;
 use http::header::{self, HeaderName};
@@ -15,6 +15,23 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRAILER,
     header::UPGRADE,
 ];
+
+/// Refuses a `Transfer-Encoding` other than a single `chunked`, as Envoy does.
+///
+/// hyper's parser already answers 400 to differing `Content-Length` values and to a request
+/// whose last transfer coding is not `chunked`. Given `Content-Length` together with
+/// `Transfer-Encoding`, it follows RFC 9112 §6.3: it reads the body as chunked, drops
+/// `Content-Length`, and closes the connection after the response, so nothing after the body is
+/// ever read as a second request. This check refuses what remains, codings stacked before
+/// `chunked` (`gzip, chunked`), which an upstream might decode differently.
+pub fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
+    let mut te = headers.get_all(header::TRANSFER_ENCODING).iter();
+    match (te.next(), te.next()) {
+        (None, _) => Ok(()),
+        (Some(value), None) if value.as_bytes().eq_ignore_ascii_case(b"chunked") => Ok(()),
+        _ => Err("Transfer-Encoding other than a single chunked"),
+    }
+}
 
 /// Removes hop-by-hop headers, those named in `Connection` (any case) and `Transfer-Encoding`
 /// (framing is the proxy's own on each side).
@@ -35,6 +52,38 @@ pub fn strip(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn framing_check_refuses_ambiguous_bodies() {
+        let headers = |pairs: &[(&str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(HeaderName::try_from(*k).unwrap(), v.parse().unwrap());
+            }
+            h
+        };
+        assert!(check_framing(&headers(&[("content-length", "5")])).is_ok());
+        assert!(check_framing(&headers(&[("transfer-encoding", "Chunked")])).is_ok());
+        assert!(
+            check_framing(&headers(&[
+                ("content-length", "5"),
+                ("content-length", "5")
+            ]))
+            .is_ok()
+        );
+        for bad in [
+            &[("content-length", "5"), ("transfer-encoding", "chunked")][..],
+            &[("content-length", "5"), ("content-length", "6")],
+            &[("transfer-encoding", "gzip, chunked")],
+            &[
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "chunked"),
+            ],
+            &[("transfer-encoding", "xchunked")],
+        ] {
+            assert!(check_framing(&headers(bad)).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn removes_hop_by_hop_and_connection_named_headers_in_any_case() {

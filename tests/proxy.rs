@@ -587,6 +587,60 @@ async fn requests_past_max_concurrent_requests_are_shed_with_503() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smuggling_attempts_never_reach_the_upstream_as_a_second_request() {
+    let h = Harness::start().await;
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+
+    // CL.TE: a front end honouring Content-Length would forward the smuggled request. hyper reads
+    // the body as chunked (RFC 9112 §6.3) and closes the connection after answering, so the
+    // bytes after the empty chunked body are never read as a request.
+    let cl_te = format!(
+        "POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}",
+        5 + smuggled.len()
+    );
+    let (_, head) = raw_request(h.proxy, &cl_te).await;
+    assert!(head.contains("connection: close"), "{head}");
+    let log = h.upstream.log();
+    assert_eq!(log.len(), 1, "only the outer request: {log:?}");
+    assert_eq!(log[0].target, "POST /a");
+    assert!(
+        log[0].body.is_empty(),
+        "the smuggled bytes were not forwarded as a body"
+    );
+
+    let attempts = [
+        // Two different Content-Lengths.
+        format!(
+            "POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 40\r\n\r\nhello{smuggled}"
+        ),
+        // Transfer-Encoding values that are not (only, or last) chunked.
+        format!(
+            "POST /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n{smuggled}"
+        ),
+        format!(
+            "POST /d HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n{smuggled}"
+        ),
+        format!(
+            "POST /e HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n0\r\n\r\n{smuggled}"
+        ),
+        // Stacked codings ending in chunked: refused by tokengate itself.
+        format!(
+            "POST /f HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n{smuggled}"
+        ),
+    ];
+    for attempt in &attempts {
+        let (status, head) = raw_request(h.proxy, attempt).await;
+        assert_eq!(status, 400, "{attempt:?} -> {head}");
+    }
+    let targets: Vec<String> = h.upstream.log().into_iter().map(|s| s.target).collect();
+    assert!(
+        targets.iter().all(|t| !t.contains("smuggled")),
+        "a smuggled request reached the upstream: {targets:?}"
+    );
+    assert_eq!(h.upstream.requests(), 1, "only POST /a: {targets:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clients_own_authorization_is_replaced_by_exactly_one_bearer() {
     let h = Harness::start().await;
     let req = Request::get(h.url("/me"))
