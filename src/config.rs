@@ -79,6 +79,21 @@ pub struct ServerConfig {
     /// The most requests in flight at once; past it requests are shed with 503 `overloaded`.
     /// Default 4096.
     pub max_concurrent_requests: usize,
+    /// Networks (CIDRs) clients may connect from; others get 403 `forbidden`. Default: any
+    /// (the default `listen` is loopback).
+    pub allowed_clients: Option<Vec<ipnet::IpNet>>,
+    /// A shared client key every request must carry; it is removed before forwarding.
+    pub require_header: Option<RequireHeader>,
+}
+
+/// `server.require_header`: a header name and the secret value clients must send.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequireHeader {
+    /// The header, e.g. `x-tokengate-key`.
+    pub name: String,
+    /// Where its expected value comes from: `{ env = … }` or `{ file = … }`.
+    pub value: SecretSource,
 }
 
 impl Default for ServerConfig {
@@ -92,6 +107,8 @@ impl Default for ServerConfig {
             body_idle_timeout: Duration::from_secs(30),
             max_connections: 10_000,
             max_concurrent_requests: 4096,
+            allowed_clients: None,
+            require_header: None,
         }
     }
 }
@@ -364,6 +381,14 @@ impl Config {
                 "must not exceed server.max_request_body".into(),
             ));
         }
+        if let Some(required) = &self.server.require_header
+            && http::header::HeaderName::try_from(required.name.as_str()).is_err()
+        {
+            return Err(err(
+                "server.require_header.name".into(),
+                format!("`{}` is not a header name", required.name),
+            ));
+        }
         for (key, n) in [
             ("server.max_connections", self.server.max_connections),
             (
@@ -445,6 +470,29 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Resolves `server.require_header`'s value, if the key is set.
+    pub fn resolve_client_key(
+        &self,
+        env: &dyn SecretEnv,
+        file: &str,
+    ) -> Result<Option<(http::header::HeaderName, SecretString)>, ConfigError> {
+        let Some(required) = &self.server.require_header else {
+            return Ok(None);
+        };
+        let err = |key: &str, problem: String| ConfigError {
+            file: file.to_owned(),
+            key: format!("server.require_header.{key}"),
+            problem,
+        };
+        let name = http::header::HeaderName::try_from(required.name.as_str())
+            .map_err(|_| err("name", "not a header name".into()))?;
+        let value = required.value.resolve(env).map_err(|p| err("value", p))?;
+        if http::HeaderValue::try_from(secrecy::ExposeSecret::expose_secret(&value)).is_err() {
+            return Err(err("value", "not a valid header value".into()));
+        }
+        Ok(Some((name, value)))
     }
 
     /// Resolves the secret and key of credential `name`; errors name the key, never a value.
@@ -532,6 +580,8 @@ credential = "partner"
             .replace("# body_idle_timeout", "body_idle_timeout")
             .replace("# max_connections", "max_connections")
             .replace("# max_concurrent_requests", "max_concurrent_requests")
+            .replace("# allowed_clients", "allowed_clients")
+            .replace("# require_header", "require_header")
             .replace("# encryption_key", "encryption_key")
             .replace("# signature", "signature")
             .replace("# cipher_text_layout", "cipher_text_layout")

@@ -57,6 +57,9 @@ pub enum ProxyError {
     /// Too many requests in flight; this one was shed.
     #[error("too many requests in flight")]
     Overloaded,
+    /// The client may not use this proxy (address or shared key).
+    #[error("forbidden: {0}")]
+    Forbidden(&'static str),
     /// A method tokengate never forwards (CONNECT, TRACE).
     #[error("method {0} is not forwarded")]
     MethodNotAllowed(http::Method),
@@ -90,6 +93,7 @@ impl ProxyError {
             Self::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::ClientBody(_) | Self::BadRequest(_) | Self::AmbiguousFraming(_) => {
                 StatusCode::BAD_REQUEST
             }
@@ -111,6 +115,7 @@ impl ProxyError {
             Self::ClientTimeout(_) => "client_timeout",
             Self::Overloaded => "overloaded",
             Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::Forbidden(_) => "forbidden",
             Self::ClientBody(_) | Self::BadRequest(_) | Self::AmbiguousFraming(_) => "bad_request",
             Self::Internal(_) => "internal",
         }

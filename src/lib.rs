@@ -9,7 +9,7 @@
 //! - [`config`]: `proxy.toml`, its defaults and validation.
 //! - [`server`]: the [`Gateway`] built from a config, listeners, accept loop, shutdown.
 //! - [`stack`]: the request path, assembled in one place. Its layers, outside-in:
-//!   [`rescue`] (errors → JSON), [`route`] (match, rewrite, hop-by-hop), [`body`] (replayable
+//!   [`rescue`] (errors → JSON), [`access`] (allowed clients, shared key), [`route`] (match, rewrite, hop-by-hop), [`body`] (replayable
 //!   bodies), [`retry`] (once on 401), [`auth::inject`] (bearer), [`upstream`] (pooled client).
 //! - [`error`]: every request-path error and the one place it becomes a response.
 //! - [`auth`]: the exchange ([`auth::exchange`], [`auth::crypto`]), [`auth::token`] and the
@@ -18,6 +18,7 @@
 //! - [`tls`]: outbound rustls roots; [`hop`]: hop-by-hop headers.
 //! - [`sandbox`]: a real auth server and upstream for the demo and the tests; [`demo`].
 
+pub mod access;
 pub mod admin;
 pub mod auth;
 pub mod body;

@@ -19,7 +19,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tower::Service;
+use tower_http::add_extension::AddExtension;
 
+use crate::access::{AccessPolicy, ClientAddr};
 use crate::auth::cache::TokenSource;
 use crate::auth::exchange::{ExchangeParams, Exchanger};
 use crate::config::{Config, ConfigError, SecretEnv, ServerConfig};
@@ -44,6 +46,7 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// Everything a config describes, built and ready to serve.
 pub struct Gateway {
     config: Config,
+    access: AccessPolicy,
     credentials: Arc<BTreeMap<String, TokenSource>>,
     routes: Arc<Routes>,
 }
@@ -79,6 +82,10 @@ impl Gateway {
             );
         }
 
+        let access = AccessPolicy {
+            allowed_clients: config.server.allowed_clients.clone().map(Into::into),
+            required_header: config.resolve_client_key(env, file)?.map(Arc::new),
+        };
         let mut clients: HashMap<Option<PathBuf>, UpstreamClient> = HashMap::new();
         let mut routes = Vec::with_capacity(config.routes.len());
         for (i, r) in config.routes.iter().enumerate() {
@@ -112,6 +119,7 @@ impl Gateway {
         }
         Ok(Self {
             config,
+            access,
             credentials: Arc::new(credentials),
             routes: Arc::new(Routes::new(routes)),
         })
@@ -141,7 +149,11 @@ impl Gateway {
         let (stop, stopped) = watch::channel(false);
         let http = Arc::new(http_builder(&self.config.server));
         let mut tasks = JoinSet::new();
-        let service = stack::proxy(self.routes.clone(), &self.config.server);
+        let service = stack::proxy(
+            self.routes.clone(),
+            self.access.clone(),
+            &self.config.server,
+        );
         let max_connections = self.config.server.max_connections;
         tasks.spawn(serve(
             proxy,
@@ -254,11 +266,9 @@ pub async fn serve<S, B>(
             _ = stop.changed() => break,
         };
         let _ = stream.set_nodelay(true);
+        let service = AddExtension::new(service.clone(), ClientAddr(peer));
         let conn = http
-            .serve_connection(
-                TokioIo::new(stream),
-                TowerToHyperService::new(service.clone()),
-            )
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

@@ -12,6 +12,7 @@ use tower::util::MapErrLayer;
 use tower::{Service, ServiceBuilder};
 use tower_http::trace::TraceLayer;
 
+use crate::access::{AccessLayer, AccessPolicy};
 use crate::auth::inject::InjectBearerLayer;
 use crate::body::{BodyError, BodyLimits, ReplayBodyLayer};
 use crate::config::ServerConfig;
@@ -24,6 +25,7 @@ use crate::upstream::Upstream;
 /// The proxy's service for one listener: every request in, every response (or JSON error) out.
 pub fn proxy(
     routes: Arc<Routes>,
+    access: AccessPolicy,
     server: &ServerConfig,
 ) -> impl Service<
     Request<Incoming>,
@@ -38,6 +40,8 @@ pub fn proxy(
         .layer(TraceLayer::new_for_http())
         // The one place a ProxyError becomes its JSON response; nothing below writes errors.
         .layer(RescueLayer)
+        // Only allowed clients holding the shared key (if configured) get any further.
+        .layer(AccessLayer::new(access))
         // Shed load past max_concurrent_requests (503 overloaded) instead of queueing it.
         .layer(MapErrLayer::new(
             ProxyError::from as fn(BoxError) -> ProxyError,

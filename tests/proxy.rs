@@ -641,6 +641,50 @@ async fn smuggling_attempts_never_reach_the_upstream_as_a_second_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_allowed_clients_holding_the_shared_key_get_through() {
+    let outsider = Harness::with(Setup {
+        server_extra: "allowed_clients = [\"10.0.0.0/8\", \"::1/128\"]".into(),
+        ..Setup::default()
+    })
+    .await;
+    let (status, headers, _) = send(&client(), get(&outsider.url("/x"))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(headers["x-tokengate-error"], "forbidden");
+    assert_eq!(
+        (outsider.auth.requests(), outsider.upstream.requests()),
+        (0, 0)
+    );
+
+    let h = Harness::with(Setup {
+        server_extra: r#"
+allowed_clients = ["127.0.0.0/8"]
+require_header = { name = "x-tokengate-key", value = { env = "CLIENT_KEY" } }
+"#
+        .into(),
+        env: vec![("CLIENT_KEY".into(), "client-key-7Hq2".into())],
+        ..Setup::default()
+    })
+    .await;
+    let with_key = |key: &str| {
+        Request::get(h.url("/keyed"))
+            .header("x-tokengate-key", key)
+            .body(full(Bytes::new()))
+            .unwrap()
+    };
+    let (status, _, _) = send(&client(), get(&h.url("/nokey"))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _, _) = send(&client(), with_key("client-key-7Hq")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(h.auth.requests(), 0, "refused before any exchange");
+    let (status, _, echo) = send(&client(), with_key("client-key-7Hq2")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        json(&echo)["headers"].get("x-tokengate-key").is_none(),
+        "the shared key is not forwarded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clients_own_authorization_is_replaced_by_exactly_one_bearer() {
     let h = Harness::start().await;
     let req = Request::get(h.url("/me"))
