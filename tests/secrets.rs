@@ -13,6 +13,8 @@ use http::{Request, StatusCode};
 use sha2::{Digest, Sha256};
 use tokengate::sandbox::auth::Fault;
 
+const CLIENT_KEY: &str = "client-key-Xr5wP0";
+
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<u8>>>);
 
@@ -82,6 +84,23 @@ async fn secrets_and_tokens_never_reach_logs_error_bodies_or_debug() {
     })
     .await;
     let mut faulty = Harness::start().await;
+    // A shared client key, presented wrong and right.
+    let keyed = Harness::with(Setup {
+        server_extra: "require_header = { name = \"x-key\", value = { env = \"CLIENT_KEY\" } }"
+            .into(),
+        env: vec![("CLIENT_KEY".into(), CLIENT_KEY.into())],
+        ..Setup::default()
+    })
+    .await;
+    for key in [CLIENT_KEY, "wrong-key"] {
+        let req = Request::get(keyed.url("/k"))
+            .header("x-key", key)
+            .body(full(Bytes::new()))
+            .unwrap();
+        let (_, headers, body) = send(&client, req).await;
+        outputs.push(format!("{headers:?} {}", String::from_utf8_lossy(&body)));
+    }
+    outputs.push(format!("{:?}", keyed.gateway));
     for (harness, want) in [(&unknown, 502), (&hmac, 502)] {
         let (status, headers, body) = send(&client, get(&harness.url("/x"))).await;
         assert_eq!(status.as_u16(), want);
@@ -110,6 +129,7 @@ async fn secrets_and_tokens_never_reach_logs_error_bodies_or_debug() {
         ("derived key (hex)", hex::encode(key)),
         ("derived key (base64)", key_b64),
         ("cipherText plaintext", plaintext),
+        ("client key", CLIENT_KEY.to_owned()),
     ];
     for t in tokens {
         // The whole token, and its signature part alone (the claims are not secret).
