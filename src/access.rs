@@ -13,6 +13,7 @@ use subtle::ConstantTimeEq;
 use tower::{Layer, Service};
 
 use crate::error::ProxyError;
+use crate::gateway::SharedLive;
 
 /// The client's address, put in each request's extensions by the accept loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,16 +75,16 @@ impl std::fmt::Debug for AccessPolicy {
     }
 }
 
-/// Refuses requests the [`AccessPolicy`] does not admit with 403 `forbidden`.
-#[derive(Debug, Clone)]
+/// Refuses requests the current [`AccessPolicy`] does not admit with 403 `forbidden`.
+#[derive(Clone)]
 pub struct AccessLayer {
-    policy: AccessPolicy,
+    live: SharedLive,
 }
 
 impl AccessLayer {
-    /// Enforces `policy`.
-    pub fn new(policy: AccessPolicy) -> Self {
-        Self { policy }
+    /// Enforces the access policy of the current snapshot.
+    pub fn new(live: SharedLive) -> Self {
+        Self { live }
     }
 }
 
@@ -93,16 +94,16 @@ impl<S> Layer<S> for AccessLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Access {
             inner,
-            policy: self.policy.clone(),
+            live: self.live.clone(),
         }
     }
 }
 
 /// See [`AccessLayer`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Access<S> {
     inner: S,
-    policy: AccessPolicy,
+    live: SharedLive,
 }
 
 impl<S, B> Service<Request<B>> for Access<S>
@@ -122,7 +123,7 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         use futures_util::future::Either;
-        match self.policy.check(&mut req) {
+        match self.live.load().access.check(&mut req) {
             Ok(()) => Either::Right(self.inner.call(req)),
             Err(e) => Either::Left(std::future::ready(Err(e))),
         }

@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::sync::Arc;
 
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Request, Response, StatusCode};
@@ -10,10 +9,11 @@ use hyper::body::Incoming;
 
 use crate::auth::cache::TokenSource;
 use crate::body::{ProxyBody, ProxyResponse};
+use crate::gateway::SharedLive;
 
 /// The admin service over `credentials`.
 pub fn service(
-    credentials: Arc<BTreeMap<String, TokenSource>>,
+    live: SharedLive,
 ) -> impl tower::Service<
     Request<Incoming>,
     Response = ProxyResponse,
@@ -23,8 +23,8 @@ pub fn service(
 + Send
 + 'static {
     tower::service_fn(move |req: Request<Incoming>| {
-        let credentials = credentials.clone();
-        async move { Ok(handle(req, &credentials).await) }
+        let live = live.load_full();
+        async move { Ok(handle(req, &live.credentials).await) }
     })
 }
 

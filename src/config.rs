@@ -84,6 +84,10 @@ pub struct ServerConfig {
     pub allowed_clients: Option<Vec<ipnet::IpNet>>,
     /// A shared client key every request must carry; it is removed before forwarding.
     pub require_header: Option<RequireHeader>,
+    /// After SIGTERM, how long in-flight requests may finish before connections are closed.
+    /// Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
 }
 
 /// `server.require_header`: a header name and the secret value clients must send.
@@ -109,6 +113,7 @@ impl Default for ServerConfig {
             max_concurrent_requests: 4096,
             allowed_clients: None,
             require_header: None,
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -130,7 +135,7 @@ impl Default for AdminConfig {
 }
 
 /// `[credentials.NAME]`: one agent's exchange settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CredentialConfig {
     /// The auth endpoint, e.g. `https://auth.example.com/v2/auth`.
@@ -582,6 +587,7 @@ credential = "partner"
             .replace("# max_concurrent_requests", "max_concurrent_requests")
             .replace("# allowed_clients", "allowed_clients")
             .replace("# require_header", "require_header")
+            .replace("# shutdown_grace", "shutdown_grace")
             .replace("# encryption_key", "encryption_key")
             .replace("# signature", "signature")
             .replace("# cipher_text_layout", "cipher_text_layout")

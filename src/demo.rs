@@ -6,9 +6,9 @@ use std::io::Write;
 use std::net::SocketAddr;
 
 use crate::config::{Config, ConfigError};
+use crate::gateway::Gateway;
 use crate::sandbox::Sandbox;
 use crate::sandbox::auth::Agent;
-use crate::server::Gateway;
 
 /// Where the demo proxy listens unless `--listen` says otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";

@@ -7,7 +7,8 @@
 //! Where things live:
 //!
 //! - [`config`]: `proxy.toml`, its defaults and validation.
-//! - [`server`]: the [`Gateway`] built from a config, listeners, accept loop, shutdown.
+//! - [`gateway`]: the [`Gateway`]: what a config builds, as one snapshot that reloads swap.
+//! - [`server`]: listeners, the accept loop, graceful shutdown.
 //! - [`stack`]: the request path, assembled in one place. Its layers, outside-in:
 //!   [`rescue`] (errors → JSON), [`access`] (allowed clients, shared key), [`route`] (match, rewrite, hop-by-hop), [`body`] (replayable
 //!   bodies), [`retry`] (once on 401), [`auth::inject`] (bearer), [`upstream`] (pooled client).
@@ -25,6 +26,7 @@ pub mod body;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod gateway;
 pub mod hop;
 pub mod rescue;
 pub mod retry;
@@ -36,4 +38,5 @@ pub mod tls;
 pub mod upstream;
 
 pub use config::Config;
-pub use server::{Gateway, Running};
+pub use gateway::Gateway;
+pub use server::Running;

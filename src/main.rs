@@ -108,35 +108,38 @@ fn load(path: &Path) -> Result<Gateway, ConfigError> {
 }
 
 async fn run(path: &Path) -> Result<(), String> {
+    use tokio::signal::unix::{SignalKind, signal};
     let gateway = load(path).map_err(|e| e.to_string())?;
     let running = gateway
         .start()
         .await
         .map_err(|e| format!("cannot listen: {e}"))?;
-    shutdown_signal().await;
+    let signals = |kind| signal(kind).map_err(|e| format!("cannot watch signals: {e}"));
+    let (mut hangup, mut terminate, mut interrupt) = (
+        signals(SignalKind::hangup())?,
+        signals(SignalKind::terminate())?,
+        signals(SignalKind::interrupt())?,
+    );
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => {
+                if let Err(error) = gateway.reload_from(path, &ProcessEnv) {
+                    tracing::error!(%error, "reload refused; the running configuration keeps serving");
+                }
+            }
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
     tracing::info!("shutting down; draining in-flight requests");
     running.shutdown().await;
     Ok(())
 }
 
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
-}
-
 fn check(path: &Path) -> Result<(), String> {
     let gateway = load(path).map_err(|e| e.to_string())?;
-    let c = gateway.config();
+    let snapshot = gateway.snapshot();
+    let c = &snapshot.config;
     let source = |s: &SecretSource| match s {
         SecretSource::Env(var) => format!("env {var}"),
         SecretSource::File(p) => format!("file {}", p.display()),

@@ -13,6 +13,7 @@ use tower::{Layer, Service};
 
 use crate::auth::cache::TokenSource;
 use crate::error::ProxyError;
+use crate::gateway::SharedLive;
 use crate::upstream::UpstreamClient;
 
 /// What to do with an `Authorization` header the client sent itself.
@@ -179,16 +180,16 @@ pub struct RouteCtx {
     pub inject: bool,
 }
 
-/// Matches each request to a route; see the module docs.
-#[derive(Debug, Clone)]
+/// Matches each request to a route of the current snapshot; see the module docs.
+#[derive(Clone)]
 pub struct RouteLayer {
-    routes: Arc<Routes>,
+    live: SharedLive,
 }
 
 impl RouteLayer {
-    /// Routes requests over `routes`.
-    pub fn new(routes: Arc<Routes>) -> Self {
-        Self { routes }
+    /// Routes requests over the current snapshot's routes.
+    pub fn new(live: SharedLive) -> Self {
+        Self { live }
     }
 }
 
@@ -198,16 +199,16 @@ impl<S> Layer<S> for RouteLayer {
     fn layer(&self, inner: S) -> Self::Service {
         RouteService {
             inner,
-            routes: self.routes.clone(),
+            live: self.live.clone(),
         }
     }
 }
 
 /// See [`RouteLayer`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RouteService<S> {
     inner: S,
-    routes: Arc<Routes>,
+    live: SharedLive,
 }
 
 impl<S> Service<Request<Incoming>> for RouteService<S>
@@ -227,7 +228,7 @@ where
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
         use futures_util::future::Either;
-        match route_request(&self.routes, &mut req) {
+        match route_request(&self.live.load().routes, &mut req) {
             Ok(()) => Either::Right(self.inner.call(req)),
             Err(e) => Either::Left(std::future::ready(Err(e))),
         }

@@ -1,10 +1,8 @@
-//! Serving: the [`Gateway`] built from a config, its listeners, the accept loop with a
-//! connection limit, and graceful shutdown.
+//! Serving a [`Gateway`]: its listeners, the accept loop with a connection limit, and graceful
+//! shutdown.
 
-use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,14 +19,11 @@ use tokio::task::JoinSet;
 use tower::Service;
 use tower_http::add_extension::AddExtension;
 
-use crate::access::{AccessPolicy, ClientAddr};
-use crate::auth::cache::TokenSource;
-use crate::auth::exchange::{ExchangeParams, Exchanger};
-use crate::config::{Config, ConfigError, SecretEnv, ServerConfig};
+use crate::access::ClientAddr;
+use crate::config::ServerConfig;
 use crate::error::BoxError;
-use crate::route::{Route, RouteSpec, Routes};
-use crate::upstream::UpstreamClient;
-use crate::{admin, stack, tls, upstream};
+use crate::gateway::Gateway;
+use crate::{admin, stack};
 
 /// The most connections the admin listener serves at once.
 pub const MAX_ADMIN_CONNECTIONS: usize = 64;
@@ -38,148 +33,48 @@ pub const MAX_HEADERS: usize = 100;
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// The most concurrent HTTP/2 streams per client connection.
 pub const MAX_H2_STREAMS: u32 = 256;
-/// How long in-flight requests may finish after shutdown begins.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// The pause after a failed `accept` (e.g. out of file descriptors).
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
-/// Everything a config describes, built and ready to serve.
-pub struct Gateway {
-    config: Config,
-    access: AccessPolicy,
-    credentials: Arc<BTreeMap<String, TokenSource>>,
-    routes: Arc<Routes>,
-}
-
 impl Gateway {
-    /// Resolves secrets, builds TLS clients, token sources and routes. `file` names the config
-    /// in errors.
-    pub fn new(config: Config, file: &str, env: &dyn SecretEnv) -> Result<Self, ConfigError> {
-        let err = |key: String, problem: String| ConfigError {
-            file: file.to_owned(),
-            key,
-            problem,
-        };
-        let mut credentials = BTreeMap::new();
-        for (name, c) in &config.credentials {
-            let secrets = config.resolve_secrets(name, env, file)?;
-            let connector = tls::connector(c.ca_file.as_deref())
-                .map_err(|e| err(format!("credentials.{name}.ca_file"), e.to_string()))?;
-            let params = ExchangeParams {
-                auth_url: c.auth_url.0.clone(),
-                agent_id: c.agent_id.clone(),
-                secret: secrets.secret,
-                key: secrets.key,
-                signature: c.signature,
-                layout: c.cipher_text_layout,
-                timeout: c.timeout,
-            };
-            let exchanger = Exchanger::new(params, connector)
-                .map_err(|e| err(format!("credentials.{name}.agent_id"), e.to_string()))?;
-            credentials.insert(
-                name.clone(),
-                TokenSource::new(name, exchanger, c.refresh_before, c.max_backoff),
-            );
-        }
-
-        let access = AccessPolicy {
-            allowed_clients: config.server.allowed_clients.clone().map(Into::into),
-            required_header: config.resolve_client_key(env, file)?.map(Arc::new),
-        };
-        let mut clients: HashMap<Option<PathBuf>, UpstreamClient> = HashMap::new();
-        let mut routes = Vec::with_capacity(config.routes.len());
-        for (i, r) in config.routes.iter().enumerate() {
-            let client = match clients.get(&r.ca_file) {
-                Some(c) => c.clone(),
-                None => {
-                    let connector = tls::connector(r.ca_file.as_deref())
-                        .map_err(|e| err(format!("routes[{i}].ca_file"), e.to_string()))?;
-                    let c = upstream::client(connector);
-                    clients.insert(r.ca_file.clone(), c.clone());
-                    c
-                }
-            };
-            let spec = RouteSpec {
-                name: format!("routes[{i}]"),
-                host: r.host.clone(),
-                path_prefix: r.path_prefix.clone(),
-                upstream: r.upstream.0.clone(),
-                strip_prefix: r.strip_prefix,
-                client_authorization: r.client_authorization,
-                credential: credentials[&r.credential].clone(),
-                client,
-            };
-            let route = Route::new(spec).ok_or_else(|| {
-                err(
-                    format!("routes[{i}].upstream"),
-                    "must be an absolute URL".into(),
-                )
-            })?;
-            routes.push(route);
-        }
-        Ok(Self {
-            config,
-            access,
-            credentials: Arc::new(credentials),
-            routes: Arc::new(Routes::new(routes)),
-        })
-    }
-
-    /// The validated configuration.
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
-    /// The token source of credential `name`.
-    pub fn credential(&self, name: &str) -> Option<&TokenSource> {
-        self.credentials.get(name)
-    }
-
     /// Binds the configured listeners and starts serving.
     pub async fn start(&self) -> std::io::Result<Running> {
-        let proxy = TcpListener::bind(self.config.server.listen).await?;
-        let admin = TcpListener::bind(self.config.admin.listen).await?;
+        let config = &self.snapshot().config;
+        let proxy = TcpListener::bind(config.server.listen).await?;
+        let admin = TcpListener::bind(config.admin.listen).await?;
         self.start_on(proxy, admin)
     }
 
-    /// Starts serving on listeners the caller bound (tests bind `127.0.0.1:0`).
+    /// Starts serving on listeners the caller bound (tests bind `127.0.0.1:0`). `[server]`
+    /// settings are read now and stay until restart; routes, credentials and access follow
+    /// reloads.
     pub fn start_on(&self, proxy: TcpListener, admin: TcpListener) -> std::io::Result<Running> {
         let proxy_addr = proxy.local_addr()?;
         let admin_addr = admin.local_addr()?;
+        let snapshot = self.snapshot();
+        let server = &snapshot.config.server;
         let (stop, stopped) = watch::channel(false);
-        let http = Arc::new(http_builder(&self.config.server));
+        let http = Arc::new(http_builder(server));
         let mut tasks = JoinSet::new();
-        let service = stack::proxy(
-            self.routes.clone(),
-            self.access.clone(),
-            &self.config.server,
-        );
-        let max_connections = self.config.server.max_connections;
-        tasks.spawn(serve(
-            proxy,
-            service,
-            http.clone(),
-            stopped.clone(),
-            max_connections,
-        ));
-        let service = admin::service(self.credentials.clone());
-        tasks.spawn(serve(admin, service, http, stopped, MAX_ADMIN_CONNECTIONS));
-        tracing::info!(%proxy_addr, %admin_addr, routes = self.config.routes.len(), "tokengate serving");
+        let service = stack::proxy(self.shared(), server);
+        let limits = ServeLimits {
+            max_connections: server.max_connections,
+            shutdown_grace: server.shutdown_grace,
+        };
+        tasks.spawn(serve(proxy, service, http.clone(), stopped.clone(), limits));
+        let limits = ServeLimits {
+            max_connections: MAX_ADMIN_CONNECTIONS,
+            shutdown_grace: server.shutdown_grace,
+        };
+        let service = admin::service(self.shared());
+        tasks.spawn(serve(admin, service, http, stopped, limits));
+        tracing::info!(%proxy_addr, %admin_addr, routes = snapshot.config.routes.len(), "tokengate serving");
         Ok(Running {
             proxy_addr,
             admin_addr,
             stop,
             tasks,
         })
-    }
-}
-
-impl std::fmt::Debug for Gateway {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Gateway")
-            .field("credentials", &self.credentials)
-            .field("routes", &self.routes)
-            .finish_non_exhaustive()
     }
 }
 
@@ -226,14 +121,23 @@ fn http_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Accepts connections on `listener` and serves `service` on each, at most `max_connections` at
-/// once, until `stop` flips; then drains open connections for at most [`SHUTDOWN_GRACE`].
+/// The bounds of one listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeLimits {
+    /// The most connections served at once; further ones wait in the accept queue.
+    pub max_connections: usize,
+    /// How long open connections may finish after `stop` flips.
+    pub shutdown_grace: Duration,
+}
+
+/// Accepts connections on `listener` and serves `service` on each, within `limits`, until `stop`
+/// flips; then stops accepting and drains open connections for at most the shutdown grace.
 pub async fn serve<S, B>(
     listener: TcpListener,
     service: S,
     http: Arc<auto::Builder<TokioExecutor>>,
     mut stop: watch::Receiver<bool>,
-    max_connections: usize,
+    limits: ServeLimits,
 ) where
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Clone
@@ -245,7 +149,7 @@ pub async fn serve<S, B>(
     B::Error: Into<BoxError>,
 {
     let graceful = GracefulShutdown::new();
-    let permits = Arc::new(Semaphore::new(max_connections));
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let permit = tokio::select! {
             permit = permits.clone().acquire_owned() => match permit {
@@ -281,6 +185,6 @@ pub async fn serve<S, B>(
     drop(listener);
     tokio::select! {
         _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(SHUTDOWN_GRACE) => tracing::warn!("shutdown grace over; closing connections"),
+        _ = tokio::time::sleep(limits.shutdown_grace) => tracing::warn!("shutdown grace over; closing connections"),
     }
 }

@@ -1,7 +1,6 @@
 //! The request path, assembled in one place. Read it top to bottom: a request flows outside-in.
 
 use std::convert::Infallible;
-use std::sync::Arc;
 
 use http::{Request, Response};
 use http_body::Body;
@@ -12,20 +11,20 @@ use tower::util::MapErrLayer;
 use tower::{Service, ServiceBuilder};
 use tower_http::trace::TraceLayer;
 
-use crate::access::{AccessLayer, AccessPolicy};
+use crate::access::AccessLayer;
 use crate::auth::inject::InjectBearerLayer;
 use crate::body::{BodyError, BodyLimits, ReplayBodyLayer};
 use crate::config::ServerConfig;
 use crate::error::{BoxError, ProxyError};
+use crate::gateway::SharedLive;
 use crate::rescue::RescueLayer;
 use crate::retry::RetryOn401Layer;
-use crate::route::{RouteLayer, Routes};
+use crate::route::RouteLayer;
 use crate::upstream::Upstream;
 
 /// The proxy's service for one listener: every request in, every response (or JSON error) out.
 pub fn proxy(
-    routes: Arc<Routes>,
-    access: AccessPolicy,
+    live: SharedLive,
     server: &ServerConfig,
 ) -> impl Service<
     Request<Incoming>,
@@ -41,7 +40,7 @@ pub fn proxy(
         // The one place a ProxyError becomes its JSON response; nothing below writes errors.
         .layer(RescueLayer)
         // Only allowed clients holding the shared key (if configured) get any further.
-        .layer(AccessLayer::new(access))
+        .layer(AccessLayer::new(live.clone()))
         // Shed load past max_concurrent_requests (503 overloaded) instead of queueing it.
         .layer(MapErrLayer::new(
             ProxyError::from as fn(BoxError) -> ProxyError,
@@ -49,7 +48,7 @@ pub fn proxy(
         .layer(LoadShedLayer::new())
         .layer(ConcurrencyLimitLayer::new(server.max_concurrent_requests))
         // Pick the route, rewrite the URI, strip hop-by-hop, apply client_authorization.
-        .layer(RouteLayer::new(routes))
+        .layer(RouteLayer::new(live))
         // Hold bodies to max_request_body and body_idle_timeout; buffer small ones for replay.
         .layer(ReplayBodyLayer::new(BodyLimits {
             max_replay_body: server.max_replay_body as u64,

@@ -126,64 +126,157 @@ async fn token_runs_one_exchange_and_shows_the_token_only_when_asked() {
     assert_eq!(sandbox.auth.issued(), 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn run_serves_with_the_token_and_exits_0_on_sigterm() {
-    let sandbox = Sandbox::start(vec![Agent::new("integratorCli01", SECRET)], 600)
-        .await
-        .unwrap();
-    let text = config(&sandbox.auth_url(), "partner")
-        .replace(
-            "https://api.example.com",
-            &format!("http://{}", sandbox.upstream_addr()),
-        )
-        .replace(
-            "[credentials.partner]",
-            "[admin]\nlisten = \"127.0.0.1:0\"\n[credentials.partner]",
-        );
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("proxy.toml");
-    std::fs::write(&path, text).unwrap();
+/// `tokengate run` on a config file, with its JSON log lines forwarded to a channel.
+struct Run {
+    child: tokio::process::Child,
+    proxy: String,
+    logs: tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+    path: std::path::PathBuf,
+    sandbox: Sandbox,
+    _dir: tempfile::TempDir,
+}
 
-    let mut child = Command::new(BIN)
-        .args(["--log-format", "json", "run"])
-        .env("TOKENGATE_CONFIG", &path)
-        .env("PARTNER_SECRET", SECRET)
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let proxy = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let event: serde_json::Value = serde_json::from_str(&line).unwrap();
-            if let Some(addr) = event["fields"]["proxy_addr"].as_str() {
-                return addr.to_owned();
+impl Run {
+    async fn start() -> Self {
+        let sandbox = Sandbox::start(vec![Agent::new("integratorCli01", SECRET)], 600)
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(&path, Self::config(&sandbox, "")).unwrap();
+        let mut child = Command::new(BIN)
+            .args(["--log-format", "json", "run"])
+            .env("TOKENGATE_CONFIG", &path)
+            .env("PARTNER_SECRET", SECRET)
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let (tx, mut logs) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = tx.send(serde_json::from_str(&line).unwrap());
             }
+        });
+        let proxy = Self::wait_for(&mut logs, |e| {
+            e["fields"]["proxy_addr"].as_str().map(str::to_owned)
+        })
+        .await;
+        Self {
+            child,
+            proxy,
+            logs,
+            path,
+            sandbox,
+            _dir: dir,
         }
-        panic!("run logged no proxy_addr");
-    })
-    .await
-    .expect("run starts");
+    }
 
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-    let response = client
-        .get(format!("http://{proxy}/via-run").parse().unwrap())
+    fn config(sandbox: &Sandbox, server_extra: &str) -> String {
+        config(&sandbox.auth_url(), "partner")
+            .replace(
+                "https://api.example.com",
+                &format!("http://{}", sandbox.upstream_addr()),
+            )
+            .replace("[server]", &format!("[server]\n{server_extra}"))
+            .replace(
+                "[credentials.partner]",
+                "[admin]\nlisten = \"127.0.0.1:0\"\n[credentials.partner]",
+            )
+    }
+
+    async fn wait_for<T>(
+        logs: &mut tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+        mut pick: impl FnMut(&serde_json::Value) -> Option<T>,
+    ) -> T {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(event) = logs.recv().await {
+                if let Some(found) = pick(&event) {
+                    return found;
+                }
+            }
+            panic!("the log ended first");
+        })
         .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    assert_eq!(sandbox.upstream.requests(), 1);
+        .expect("the expected log line")
+    }
 
-    let pid = child.id().unwrap().to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+    async fn get(&self, path: &str) -> u16 {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+        let url = format!("http://{}{path}", self.proxy).parse().unwrap();
+        client.get(url).await.unwrap().status().as_u16()
+    }
+
+    fn signal(&self, name: &str) {
+        let pid = self.child.id().unwrap().to_string();
+        let sent = std::process::Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_and_sigterm_lets_the_request_in_flight_finish_then_exits_0() {
+    let mut run = Run::start().await;
+    assert_eq!(run.get("/via-run").await, 200);
+    assert_eq!(run.sandbox.upstream.requests(), 1);
+
+    let in_flight = tokio::spawn({
+        let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+        let url = format!("http://{}/slow/1000", run.proxy).parse().unwrap();
+        async move { client.get(url).await.unwrap().status().as_u16() }
+    });
+    while run.sandbox.upstream.requests() < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    run.signal("-TERM");
+    assert_eq!(
+        in_flight.await.unwrap(),
+        200,
+        "the request in flight finished"
+    );
+    let status = tokio::time::timeout(Duration::from_secs(30), run.child.wait())
         .await
         .expect("run exits after SIGTERM")
         .unwrap();
     assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_good_config_and_refuses_a_bad_one_naming_the_problem() {
+    let mut run = Run::start().await;
+    assert_eq!(run.get("/a").await, 200);
+
+    // Only 10.0.0.0/8 may use the proxy now: this (loopback) client is refused.
+    std::fs::write(
+        &run.path,
+        Run::config(&run.sandbox, "allowed_clients = [\"10.0.0.0/8\"]"),
+    )
+    .unwrap();
+    run.signal("-HUP");
+    Run::wait_for(&mut run.logs, |e| {
+        (e["fields"]["message"] == "configuration reloaded").then_some(())
+    })
+    .await;
+    assert_eq!(run.get("/b").await, 403);
+
+    // A broken file is refused with the key named; the running configuration keeps serving.
+    std::fs::write(&run.path, Run::config(&run.sandbox, "max_connections = 0")).unwrap();
+    run.signal("-HUP");
+    let error = Run::wait_for(&mut run.logs, |e| {
+        (e["fields"]["message"] == "reload refused; the running configuration keeps serving")
+            .then(|| e["fields"]["error"].as_str().unwrap_or_default().to_owned())
+    })
+    .await;
+    assert!(error.contains("server.max_connections"), "{error}");
+    assert_eq!(
+        run.get("/c").await,
+        403,
+        "the previous configuration still serves"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -682,6 +683,78 @@ require_header = { name = "x-tokengate-key", value = { env = "CLIENT_KEY" } }
         json(&echo)["headers"].get("x-tokengate-key").is_none(),
         "the shared key is not forwarded"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_swaps_routes_atomically_keeps_unchanged_tokens_and_refuses_bad_configs() {
+    use tokengate::Config;
+    let h = Harness::start().await;
+    let client = client();
+    h.warm(&client).await;
+    assert_eq!(h.auth.requests(), 1);
+
+    // A request in flight across the reload completes.
+    let in_flight = tokio::spawn({
+        let (client, url) = (client.clone(), h.url("/slow/700"));
+        async move { send(&client, get(&url)).await.0 }
+    });
+    while h.upstream.requests() < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Add a route in front; the credential is unchanged, so its token is kept.
+    let added = h.config_text.replace(
+        "[[routes]]",
+        &format!(
+            "[[routes]]\npath_prefix = \"/moved/\"\nupstream = \"http://{}/base\"\ncredential = \"partner\"\nstrip_prefix = true\n\n[[routes]]",
+            h.upstream_addr
+        ),
+    );
+    h.gateway
+        .reload(Config::parse(&added, "test.toml").unwrap(), &h.env)
+        .unwrap();
+    let (status, _, echo) = send(&client, get(&h.url("/moved/x"))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json(&echo)["path"], "/base/x", "the new route serves");
+    assert_eq!(
+        in_flight.await.unwrap(),
+        StatusCode::OK,
+        "the in-flight request finished"
+    );
+    assert_eq!(
+        h.auth.requests(),
+        1,
+        "the unchanged credential kept its token"
+    );
+
+    // A bad config is refused, naming the problem; the running one keeps serving.
+    let bad = added.replace(
+        "credential = \"partner\"\nstrip_prefix",
+        "credential = \"nope\"\nstrip_prefix",
+    );
+    let error = Config::parse(&bad, "test.toml").unwrap_err();
+    assert_eq!(error.key, "routes[0].credential");
+    let env_missing = BTreeMap::new();
+    let error = h
+        .gateway
+        .reload(Config::parse(&added, "test.toml").unwrap(), &env_missing)
+        .unwrap_err();
+    assert_eq!(error.key, "credentials.partner.secret", "{error}");
+    let (status, _, _) = send(&client, get(&h.url("/moved/x"))).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the previous configuration still serves"
+    );
+
+    // A changed credential gets a new token source: the next request exchanges again.
+    let changed = added.replace("agent_id =", "refresh_before = \"1m\"\nagent_id =");
+    h.gateway
+        .reload(Config::parse(&changed, "test.toml").unwrap(), &h.env)
+        .unwrap();
+    let (status, _, _) = send(&client, get(&h.url("/x"))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(h.auth.requests(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

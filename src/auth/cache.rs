@@ -142,6 +142,18 @@ impl TokenSource {
         tracing::debug!(credential = %self.inner.name, generation, ?result, "invalidate if current");
     }
 
+    /// Whether `other` is this very source (shares its cache).
+    pub fn same_source(&self, other: &TokenSource) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// Whether this source exchanges with exactly these secrets (compared in constant time).
+    pub fn has_secrets(&self, secrets: &crate::config::CredentialSecrets) -> bool {
+        self.inner
+            .exchanger
+            .has_secrets(&secrets.secret, &secrets.key)
+    }
+
     /// How many exchanges this source has started.
     pub fn exchanges(&self) -> u64 {
         self.inner.exchanges.load(Ordering::Relaxed)

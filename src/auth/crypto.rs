@@ -71,6 +71,12 @@ impl EncryptionKey {
         Some(Self(SecretBox::new(Box::new(key))))
     }
 
+    /// Whether both keys are the same (compared in constant time).
+    pub fn same_as(&self, other: &EncryptionKey) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.expose_secret().ct_eq(other.0.expose_secret()).into()
+    }
+
     fn cipher(&self) -> Aes256Gcm {
         Aes256Gcm::new(self.0.expose_secret().into())
     }

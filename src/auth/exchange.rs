@@ -184,6 +184,18 @@ impl Exchanger {
         })
     }
 
+    /// Whether this exchanger uses exactly `secret` and `key` (compared in constant time).
+    pub fn has_secrets(&self, secret: &SecretString, key: &EncryptionKey) -> bool {
+        use subtle::ConstantTimeEq;
+        let same_secret = self
+            .params
+            .secret
+            .expose_secret()
+            .as_bytes()
+            .ct_eq(secret.expose_secret().as_bytes());
+        bool::from(same_secret) && self.params.key.same_as(key)
+    }
+
     /// Runs one exchange; on code 83 retries once at once with a fresh timestamp and nonce.
     pub async fn exchange(&self) -> Result<Token, AuthError> {
         let timeout = self.params.timeout;

@@ -212,12 +212,12 @@ where
     let http = Arc::new(hyper_util::server::conn::auto::Builder::new(
         hyper_util::rt::TokioExecutor::new(),
     ));
+    let limits = crate::server::ServeLimits {
+        max_connections: SANDBOX_MAX_CONNECTIONS,
+        shutdown_grace: std::time::Duration::from_secs(1),
+    };
     tokio::spawn(crate::server::serve(
-        listener,
-        service,
-        http,
-        stopped,
-        SANDBOX_MAX_CONNECTIONS,
+        listener, service, http, stopped, limits,
     ));
     Ok(Handle { addr, _stop: stop })
 }

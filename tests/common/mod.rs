@@ -74,6 +74,9 @@ pub struct Harness {
     pub admin: SocketAddr,
     pub gateway: Gateway,
     pub running: Option<Running>,
+    /// The config text the gateway was built from, and its environment, for reload tests.
+    pub config_text: String,
+    pub env: BTreeMap<String, String>,
     sandbox: Sandbox,
 }
 
@@ -122,6 +125,7 @@ credential = "partner"
             route_extra = setup.route_extra,
         );
         let config = Config::parse(&text, "test.toml").unwrap();
+        let config_text = text.clone();
         let mut env = BTreeMap::from([("PARTNER_SECRET".to_owned(), SECRET.to_owned())]);
         env.extend(setup.env);
         let gateway = Gateway::new(config, "test.toml", &env).unwrap();
@@ -134,6 +138,8 @@ credential = "partner"
             admin: running.admin_addr(),
             gateway,
             running: Some(running),
+            config_text,
+            env,
             sandbox,
         }
     }

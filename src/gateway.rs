@@ -1,0 +1,203 @@
+//! The gateway: what a config builds (token sources, routes, access policy), held as one
+//! [`Live`] snapshot that a reload replaces in a single atomic store.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::access::AccessPolicy;
+use crate::auth::cache::TokenSource;
+use crate::auth::exchange::{ExchangeParams, Exchanger};
+use crate::config::{Config, ConfigError, CredentialSecrets, SecretEnv};
+use crate::route::{Route, RouteSpec, Routes};
+use crate::upstream::UpstreamClient;
+use crate::{tls, upstream};
+
+/// Everything the request path reads from the configuration, as of one load.
+pub struct Live {
+    /// The configuration this was built from.
+    pub config: Config,
+    /// Who may use the proxy.
+    pub access: AccessPolicy,
+    /// The token source of each credential, by name.
+    pub credentials: BTreeMap<String, TokenSource>,
+    /// The route table.
+    pub routes: Routes,
+}
+
+/// The current [`Live`] snapshot, shared by the stack, the admin API and reloads.
+pub type SharedLive = Arc<ArcSwap<Live>>;
+
+/// A built configuration, ready to serve and to reload.
+pub struct Gateway {
+    live: SharedLive,
+    file: String,
+}
+
+impl Gateway {
+    /// Resolves secrets, builds TLS clients, token sources and routes. `file` names the config
+    /// in errors.
+    pub fn new(config: Config, file: &str, env: &dyn SecretEnv) -> Result<Self, ConfigError> {
+        let live = build(config, file, env, None)?;
+        Ok(Self {
+            live: Arc::new(ArcSwap::from_pointee(live)),
+            file: file.to_owned(),
+        })
+    }
+
+    /// Replaces the configuration at once, or not at all: on any error the current one keeps
+    /// serving. Credentials whose settings and secrets are unchanged keep their token.
+    /// `[server]` and `[admin]` settings are bound at start; changes to them wait for a restart.
+    pub fn reload(&self, config: Config, env: &dyn SecretEnv) -> Result<(), ConfigError> {
+        let old = self.live.load_full();
+        let new = build(config, &self.file, env, Some(&old))?;
+        let restart_only = |a: &Config, b: &Config| {
+            format!("{:?}{:?}", a.server, a.admin) != format!("{:?}{:?}", b.server, b.admin)
+        };
+        if restart_only(&old.config, &new.config) {
+            tracing::warn!(file = %self.file, "[server] and [admin] changes apply on restart only");
+        }
+        let kept: Vec<&str> = new
+            .credentials
+            .iter()
+            .filter(|(name, source)| {
+                old.credentials
+                    .get(*name)
+                    .is_some_and(|o| o.same_source(source))
+            })
+            .map(|(name, _)| name.as_str())
+            .collect();
+        tracing::info!(
+            file = %self.file,
+            routes = new.routes.iter().count(),
+            credentials = new.credentials.len(),
+            tokens_kept = ?kept,
+            "configuration reloaded"
+        );
+        self.live.store(Arc::new(new));
+        Ok(())
+    }
+
+    /// Reads `path` and reloads from it; see [`Gateway::reload`].
+    pub fn reload_from(&self, path: &Path, env: &dyn SecretEnv) -> Result<(), ConfigError> {
+        self.reload(Config::load(path)?, env)
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    /// The handle the stack and the admin API read the current snapshot through.
+    pub fn shared(&self) -> SharedLive {
+        self.live.clone()
+    }
+
+    /// The token source of credential `name`, as currently configured.
+    pub fn credential(&self, name: &str) -> Option<TokenSource> {
+        self.live.load().credentials.get(name).cloned()
+    }
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let live = self.live.load();
+        f.debug_struct("Gateway")
+            .field("file", &self.file)
+            .field("access", &live.access)
+            .field("credentials", &live.credentials)
+            .field("routes", &live.routes)
+            .finish()
+    }
+}
+
+/// Builds a snapshot from `config`, reusing the token sources of `previous` whose settings and
+/// secrets are unchanged.
+fn build(
+    config: Config,
+    file: &str,
+    env: &dyn SecretEnv,
+    previous: Option<&Live>,
+) -> Result<Live, ConfigError> {
+    let err = |key: String, problem: String| ConfigError {
+        file: file.to_owned(),
+        key,
+        problem,
+    };
+    let mut credentials = BTreeMap::new();
+    for (name, c) in &config.credentials {
+        let secrets = config.resolve_secrets(name, env, file)?;
+        let unchanged = previous.and_then(|p| {
+            let source = p.credentials.get(name)?;
+            (p.config.credentials.get(name) == Some(c) && source.has_secrets(&secrets))
+                .then(|| source.clone())
+        });
+        if let Some(source) = unchanged {
+            credentials.insert(name.clone(), source);
+            continue;
+        }
+        let CredentialSecrets { secret, key } = secrets;
+        let connector = tls::connector(c.ca_file.as_deref())
+            .map_err(|e| err(format!("credentials.{name}.ca_file"), e.to_string()))?;
+        let params = ExchangeParams {
+            auth_url: c.auth_url.0.clone(),
+            agent_id: c.agent_id.clone(),
+            secret,
+            key,
+            signature: c.signature,
+            layout: c.cipher_text_layout,
+            timeout: c.timeout,
+        };
+        let exchanger = Exchanger::new(params, connector)
+            .map_err(|e| err(format!("credentials.{name}.agent_id"), e.to_string()))?;
+        credentials.insert(
+            name.clone(),
+            TokenSource::new(name, exchanger, c.refresh_before, c.max_backoff),
+        );
+    }
+
+    let access = AccessPolicy {
+        allowed_clients: config.server.allowed_clients.clone().map(Into::into),
+        required_header: config.resolve_client_key(env, file)?.map(Arc::new),
+    };
+
+    let mut clients: HashMap<Option<PathBuf>, UpstreamClient> = HashMap::new();
+    let mut routes = Vec::with_capacity(config.routes.len());
+    for (i, r) in config.routes.iter().enumerate() {
+        let client = match clients.get(&r.ca_file) {
+            Some(c) => c.clone(),
+            None => {
+                let connector = tls::connector(r.ca_file.as_deref())
+                    .map_err(|e| err(format!("routes[{i}].ca_file"), e.to_string()))?;
+                let c = upstream::client(connector);
+                clients.insert(r.ca_file.clone(), c.clone());
+                c
+            }
+        };
+        let spec = RouteSpec {
+            name: format!("routes[{i}]"),
+            host: r.host.clone(),
+            path_prefix: r.path_prefix.clone(),
+            upstream: r.upstream.0.clone(),
+            strip_prefix: r.strip_prefix,
+            client_authorization: r.client_authorization,
+            credential: credentials[&r.credential].clone(),
+            client,
+        };
+        let route = Route::new(spec).ok_or_else(|| {
+            err(
+                format!("routes[{i}].upstream"),
+                "must be an absolute URL".into(),
+            )
+        })?;
+        routes.push(route);
+    }
+    Ok(Live {
+        config,
+        access,
+        credentials,
+        routes: Routes::new(routes),
+    })
+}
