@@ -88,6 +88,22 @@ pub struct ServerConfig {
     /// Default 30 s.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Serve clients over TLS (and, with `client_ca_file`, require client certificates).
+    pub tls: Option<ServerTls>,
+}
+
+/// `[server.tls]`: inbound TLS.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTls {
+    /// The server's certificate chain (PEM).
+    pub cert_file: PathBuf,
+    /// The server's private key (PEM).
+    pub key_file: PathBuf,
+    /// CAs whose client certificates are accepted; when set, clients without one are refused
+    /// during the handshake (mTLS).
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
 }
 
 /// `server.require_header`: a header name and the secret value clients must send.
@@ -114,6 +130,7 @@ impl Default for ServerConfig {
             allowed_clients: None,
             require_header: None,
             shutdown_grace: Duration::from_secs(30),
+            tls: None,
         }
     }
 }

@@ -40,6 +40,15 @@ impl Gateway {
     /// Resolves secrets, builds TLS clients, token sources and routes. `file` names the config
     /// in errors.
     pub fn new(config: Config, file: &str, env: &dyn SecretEnv) -> Result<Self, ConfigError> {
+        if let Some(t) = &config.server.tls {
+            tls::server_config(&t.cert_file, &t.key_file, t.client_ca_file.as_deref()).map_err(
+                |e| ConfigError {
+                    file: file.to_owned(),
+                    key: "server.tls".into(),
+                    problem: e.to_string(),
+                },
+            )?;
+        }
         let live = build(config, file, env, None)?;
         Ok(Self {
             live: Arc::new(ArcSwap::from_pointee(live)),

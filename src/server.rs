@@ -23,7 +23,7 @@ use crate::access::ClientAddr;
 use crate::config::ServerConfig;
 use crate::error::BoxError;
 use crate::gateway::Gateway;
-use crate::{admin, stack};
+use crate::{admin, stack, tls};
 
 /// The most connections the admin listener serves at once.
 pub const MAX_ADMIN_CONNECTIONS: usize = 64;
@@ -33,6 +33,18 @@ pub const MAX_HEADERS: usize = 100;
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// The most concurrent HTTP/2 streams per client connection.
 pub const MAX_H2_STREAMS: u32 = 256;
+/// HTTP/2 flow-control window per stream, in bytes: what a client may send before we read.
+pub const H2_STREAM_WINDOW: u32 = 1024 * 1024;
+/// HTTP/2 flow-control window per connection, in bytes.
+pub const H2_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+/// The largest HTTP/2 header list a client may send, in bytes.
+pub const H2_MAX_HEADER_LIST: u32 = 64 * 1024;
+/// The most bytes buffered per HTTP/2 stream for sending.
+pub const H2_MAX_SEND_BUF: usize = 1024 * 1024;
+/// Streams a client may reset before they are accepted (rapid-reset protection).
+pub const H2_MAX_PENDING_RESETS: usize = 20;
+/// How often an idle HTTP/2 client is pinged, and how long its answer may take.
+pub const H2_KEEPALIVE: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(10));
 /// The pause after a failed `accept` (e.g. out of file descriptors).
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
@@ -57,14 +69,28 @@ impl Gateway {
         let http = Arc::new(http_builder(server));
         let mut tasks = JoinSet::new();
         let service = stack::proxy(self.shared(), server);
+        let tls = match &server.tls {
+            None => None,
+            Some(t) => {
+                let config =
+                    tls::server_config(&t.cert_file, &t.key_file, t.client_ca_file.as_deref())
+                        .map_err(std::io::Error::other)?;
+                Some(InboundTls {
+                    acceptor: tokio_rustls::TlsAcceptor::from(config),
+                    handshake_timeout: server.header_read_timeout,
+                })
+            }
+        };
         let limits = ServeLimits {
             max_connections: server.max_connections,
             shutdown_grace: server.shutdown_grace,
+            tls,
         };
         tasks.spawn(serve(proxy, service, http.clone(), stopped.clone(), limits));
         let limits = ServeLimits {
             max_connections: MAX_ADMIN_CONNECTIONS,
             shutdown_grace: server.shutdown_grace,
+            tls: None,
         };
         let service = admin::service(self.shared());
         tasks.spawn(serve(admin, service, http, stopped, limits));
@@ -117,17 +143,35 @@ fn http_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(MAX_H2_STREAMS);
+        .max_concurrent_streams(MAX_H2_STREAMS)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_header_list_size(H2_MAX_HEADER_LIST)
+        .max_send_buf_size(H2_MAX_SEND_BUF)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        .keep_alive_interval(H2_KEEPALIVE.0)
+        .keep_alive_timeout(H2_KEEPALIVE.1);
     builder
 }
 
-/// The bounds of one listener.
-#[derive(Debug, Clone, Copy)]
+/// The bounds of one listener, and its TLS.
+#[derive(Clone)]
 pub struct ServeLimits {
     /// The most connections served at once; further ones wait in the accept queue.
     pub max_connections: usize,
     /// How long open connections may finish after `stop` flips.
     pub shutdown_grace: Duration,
+    /// Serve over TLS.
+    pub tls: Option<InboundTls>,
+}
+
+/// Inbound TLS for a listener.
+#[derive(Clone)]
+pub struct InboundTls {
+    /// The acceptor, with the certificate and any client verification.
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// How long a handshake may take.
+    pub handshake_timeout: Duration,
 }
 
 /// Accepts connections on `listener` and serves `service` on each, within `limits`, until `stop`
@@ -170,16 +214,40 @@ pub async fn serve<S, B>(
             _ = stop.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = AddExtension::new(service.clone(), ClientAddr(peer));
-        let conn = http
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let service =
+            TowerToHyperService::new(AddExtension::new(service.clone(), ClientAddr(peer)));
+        let (http, watcher, tls) = (http.clone(), graceful.watcher(), limits.tls.clone());
         tokio::spawn(async move {
-            if let Err(error) = conn.await {
-                tracing::debug!(%peer, error = %error, "connection ended with an error");
+            let _permit = permit;
+            let served = match tls {
+                None => {
+                    watcher
+                        .watch(http.serve_connection(TokioIo::new(stream), service))
+                        .await
+                }
+                Some(tls) => {
+                    match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(stream)) => {
+                            watcher
+                                .watch(http.serve_connection(TokioIo::new(stream), service))
+                                .await
+                        }
+                        Ok(Err(error)) => {
+                            tracing::debug!(%peer, %error, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    }
+                }
+            };
+            if let Err(error) = served {
+                tracing::debug!(%peer, %error, "connection ended with an error");
             }
-            drop(permit);
         });
     }
     drop(listener);

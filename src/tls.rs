@@ -1,5 +1,6 @@
-//! Outbound TLS: rustls with the webpki roots plus an optional extra CA file, wrapped in the
-//! pooled connector both the upstream client and the auth exchange use.
+//! TLS. Outbound: rustls with the webpki roots plus an optional extra CA file, wrapped in the
+//! pooled connector both the upstream client and the auth exchange use. Inbound: the optional
+//! server certificate, and client-certificate verification (mTLS).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,9 +20,9 @@ pub type Connector = HttpsConnector<HttpConnector>;
 /// Why the TLS roots could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    /// The CA file could not be read or holds no PEM certificate.
-    #[error("cannot load CA certificates from {path}: {reason}")]
-    CaFile {
+    /// A certificate or key file could not be read or used.
+    #[error("cannot load TLS material from {path}: {reason}")]
+    File {
         /// The file named in the configuration.
         path: PathBuf,
         /// What went wrong.
@@ -35,7 +36,7 @@ pub fn connector(ca_file: Option<&Path>) -> Result<Connector, TlsError> {
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
         for cert in load_pem(path)? {
-            roots.add(cert).map_err(|e| TlsError::CaFile {
+            roots.add(cert).map_err(|e| TlsError::File {
                 path: path.to_owned(),
                 reason: e.to_string(),
             })?;
@@ -59,8 +60,57 @@ pub fn connector(ca_file: Option<&Path>) -> Result<Connector, TlsError> {
         .wrap_connector(http))
 }
 
+/// Builds the inbound TLS config: `cert_file` (PEM chain) and `key_file` (PEM key); with
+/// `client_ca_file`, every client must present a certificate issued by one of its CAs.
+pub fn server_config(
+    cert_file: &Path,
+    key_file: &Path,
+    client_ca_file: Option<&Path>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    use rustls::pki_types::PrivateKeyDer;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs = load_pem(cert_file)?;
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| TlsError::File {
+        path: key_file.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions");
+    let builder = match client_ca_file {
+        None => builder.with_no_client_auth(),
+        Some(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in load_pem(path)? {
+                roots.add(cert).map_err(|e| TlsError::File {
+                    path: path.to_owned(),
+                    reason: e.to_string(),
+                })?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| TlsError::File {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsError::File {
+            path: cert_file.to_owned(),
+            reason: e.to_string(),
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 fn load_pem(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let err = |reason: String| TlsError::CaFile {
+    let err = |reason: String| TlsError::File {
         path: path.to_owned(),
         reason,
     };

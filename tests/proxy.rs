@@ -758,6 +758,51 @@ async fn reload_swaps_routes_atomically_keeps_unchanged_tokens_and_refuses_bad_c
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_tls_with_client_certificates_refuses_clients_without_one() {
+    let ca = tls::test_ca();
+    let h = Harness::with(Setup {
+        server_extra: format!(
+            "tls = {{ cert_file = \"{}\", key_file = \"{}\", client_ca_file = \"{}\" }}",
+            ca.server_cert_file.display(),
+            ca.server_key_file.display(),
+            ca.ca_file.display()
+        ),
+        ..Setup::default()
+    })
+    .await;
+    let https = |with_cert: bool| {
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(ca.client(with_cert))
+            .https_only()
+            .enable_all_versions()
+            .build();
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build::<_, TestBody>(connector)
+    };
+    let url = format!("https://localhost:{}/over-tls", h.proxy.port());
+
+    let response = https(true).request(get(&url)).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let echo = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        json(&echo)["headers"]["authorization"]
+            .as_str()
+            .unwrap()
+            .starts_with("Bearer ")
+    );
+
+    let refused = https(false).request(get(&url)).await;
+    assert!(
+        refused.is_err(),
+        "a client without a certificate is refused in the handshake"
+    );
+    // Plain HTTP on the TLS port gets nowhere either.
+    let plain = client().request(get(&h.url("/plain"))).await;
+    assert!(plain.is_err() || plain.unwrap().status() != StatusCode::OK);
+    assert_eq!(h.upstream.requests(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clients_own_authorization_is_replaced_by_exactly_one_bearer() {
     let h = Harness::start().await;
     let req = Request::get(h.url("/me"))

@@ -215,6 +215,7 @@ where
     let limits = crate::server::ServeLimits {
         max_connections: SANDBOX_MAX_CONNECTIONS,
         shutdown_grace: std::time::Duration::from_secs(1),
+        tls: None,
     };
     tokio::spawn(crate::server::serve(
         listener, service, http, stopped, limits,
