@@ -270,8 +270,9 @@ impl Exchanger {
     }
 }
 
-/// Reads an auth reply, whatever its HTTP status: the JSON `code` decides.
-fn parse_reply(
+/// Reads an auth reply, whatever its HTTP status: the JSON `code` decides. Public for the fuzz
+/// target; the exchange is its only caller in the proxy.
+pub fn parse_reply(
     status: StatusCode,
     body: &[u8],
     generation: u64,

@@ -158,6 +158,13 @@ impl Sandbox {
         self.upstream_server.addr()
     }
 
+    /// Starts the auth server again on the same address, with the same state.
+    pub async fn restart_auth(&mut self) -> std::io::Result<()> {
+        let listener = TcpListener::bind(self.auth_addr).await?;
+        self.auth_server = Some(self.auth.serve(listener)?);
+        Ok(())
+    }
+
     /// Stops the auth server (dropping its handle ends the accept loop); returns once its port
     /// refuses connections, or after a second at most.
     pub async fn stop_auth(&mut self) {
