@@ -62,6 +62,9 @@ pub struct ServerConfig {
     /// How long the upstream may take to answer (response head). Default 30 s.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// How long a TCP connect to an upstream may take: 504 `upstream_timeout`. Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
     /// How long a client may take to send its request headers; on HTTP/1.1 this also bounds
     /// how long a keep-alive connection may sit idle. Default 10 s.
     #[serde(with = "humantime_serde")]
@@ -122,6 +125,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_replay_body: 64 * 1024,
             request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
             header_read_timeout: Duration::from_secs(10),
             max_request_body: 16 * 1024 * 1024,
             body_idle_timeout: Duration::from_secs(30),
@@ -424,6 +428,7 @@ impl Config {
         }
         for (key, d) in [
             ("server.request_timeout", self.server.request_timeout),
+            ("server.connect_timeout", self.server.connect_timeout),
             (
                 "server.header_read_timeout",
                 self.server.header_read_timeout,
@@ -599,6 +604,7 @@ credential = "partner"
             .replace("# request_timeout", "request_timeout")
             .replace("# header_read_timeout", "header_read_timeout")
             .replace("# max_request_body", "max_request_body")
+            .replace("# connect_timeout", "connect_timeout")
             .replace("# body_idle_timeout", "body_idle_timeout")
             .replace("# max_connections", "max_connections")
             .replace("# max_concurrent_requests", "max_concurrent_requests")

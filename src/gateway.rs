@@ -148,7 +148,8 @@ fn build(
             continue;
         }
         let CredentialSecrets { secret, key } = secrets;
-        let connector = tls::connector(c.ca_file.as_deref())
+        // The exchange's own deadline bounds its connect too.
+        let connector = tls::connector(c.ca_file.as_deref(), c.timeout)
             .map_err(|e| err(format!("credentials.{name}.ca_file"), e.to_string()))?;
         let params = ExchangeParams {
             auth_url: c.auth_url.0.clone(),
@@ -178,7 +179,7 @@ fn build(
         let client = match clients.get(&r.ca_file) {
             Some(c) => c.clone(),
             None => {
-                let connector = tls::connector(r.ca_file.as_deref())
+                let connector = tls::connector(r.ca_file.as_deref(), config.server.connect_timeout)
                     .map_err(|e| err(format!("routes[{i}].ca_file"), e.to_string()))?;
                 let c = upstream::client(connector);
                 clients.insert(r.ca_file.clone(), c.clone());

@@ -62,6 +62,7 @@ pub fn proxy(
         // Pooled http/https client, bounded by request_timeout; response bodies by idleness.
         .service(Upstream::new(
             server.request_timeout,
+            server.connect_timeout,
             server.body_idle_timeout,
         ))
 }

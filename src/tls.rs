@@ -11,9 +11,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
-/// How long a TCP connect may take before it fails.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// The connector every outbound client uses: http or https, HTTP/1.1 or HTTP/2 by ALPN.
 pub type Connector = HttpsConnector<HttpConnector>;
 
@@ -30,8 +27,9 @@ pub enum TlsError {
     },
 }
 
-/// Builds a connector trusting the webpki roots plus the certificates in `ca_file`.
-pub fn connector(ca_file: Option<&Path>) -> Result<Connector, TlsError> {
+/// Builds a connector trusting the webpki roots plus the certificates in `ca_file`, giving up on
+/// a TCP connect after `connect_timeout`.
+pub fn connector(ca_file: Option<&Path>, connect_timeout: Duration) -> Result<Connector, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
@@ -52,7 +50,7 @@ pub fn connector(ca_file: Option<&Path>) -> Result<Connector, TlsError> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
-    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    http.set_connect_timeout(Some(connect_timeout));
     Ok(hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()

@@ -34,7 +34,7 @@ pub fn client(connector: Connector) -> UpstreamClient {
 
 /// Classifies a failed send: the client's body gave out (413/408/400), the connect attempt timed
 /// out (504), or the upstream could not be reached or talked to (502).
-fn send_error(error: hyper_util::client::legacy::Error) -> ProxyError {
+fn send_error(error: hyper_util::client::legacy::Error, connect_timeout: Duration) -> ProxyError {
     let mut source = std::error::Error::source(&error);
     while let Some(e) = source {
         if let Some(body) = e.downcast_ref::<BodyError>() {
@@ -48,7 +48,7 @@ fn send_error(error: hyper_util::client::legacy::Error) -> ProxyError {
             && error.is_connect()
             && io.kind() == std::io::ErrorKind::TimedOut
         {
-            return ProxyError::UpstreamTimeout(crate::tls::CONNECT_TIMEOUT);
+            return ProxyError::UpstreamTimeout(connect_timeout);
         }
         source = e.source();
     }
@@ -56,17 +56,23 @@ fn send_error(error: hyper_util::client::legacy::Error) -> ProxyError {
 }
 
 /// Sends each routed request to its route's upstream, waits at most `timeout` for the head,
-/// and guards the response body with `body_idle` (a stalled upstream is cut off).
+/// and guards the response body with `body_idle` (a stalled upstream is cut off). A connect that
+/// times out (after `connect_timeout`, set on the route's connector) is a 504 too.
 #[derive(Debug, Clone, Copy)]
 pub struct Upstream {
     timeout: Duration,
+    connect_timeout: Duration,
     body_idle: Duration,
 }
 
 impl Upstream {
     /// An upstream sender; see the type's docs.
-    pub fn new(timeout: Duration, body_idle: Duration) -> Self {
-        Self { timeout, body_idle }
+    pub fn new(timeout: Duration, connect_timeout: Duration, body_idle: Duration) -> Self {
+        Self {
+            timeout,
+            connect_timeout,
+            body_idle,
+        }
     }
 }
 
@@ -90,12 +96,16 @@ impl Service<Request<ProxyBody>> for Upstream {
             ))));
         };
         let sent = client.request(req);
-        let Self { timeout, body_idle } = *self;
+        let Self {
+            timeout,
+            connect_timeout,
+            body_idle,
+        } = *self;
         Box::pin(async move {
             let response = tokio::time::timeout(timeout, sent)
                 .await
                 .map_err(|_| ProxyError::UpstreamTimeout(timeout))?
-                .map_err(send_error)?;
+                .map_err(|e| send_error(e, connect_timeout))?;
             let (mut parts, body) = response.into_parts();
             crate::hop::strip(&mut parts.headers);
             let body = Guarded::new(body, Side::Upstream, u64::MAX, body_idle);

@@ -445,6 +445,68 @@ async fn a_slow_upstream_gives_504_at_request_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_never_completes_a_connect_gives_504_at_connect_timeout() {
+    // A loopback listener that never accepts: once its accept queue is full, Linux drops new
+    // SYNs, so a connect neither succeeds nor fails; it hangs.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let blackhole = socket.local_addr().unwrap();
+    let _listener = socket.listen(1).unwrap();
+    let mut queued = Vec::new();
+    loop {
+        let attempt = tokio::net::TcpStream::connect(blackhole);
+        match tokio::time::timeout(Duration::from_millis(300), attempt).await {
+            Ok(Ok(stream)) => queued.push(stream),
+            _ => break, // this connect hung: the queue is full
+        }
+        assert!(queued.len() < 64, "the listener keeps accepting connects");
+    }
+    let h = Harness::with(Setup {
+        server_extra: "connect_timeout = \"300ms\"".into(),
+        routes_before: format!(
+            "[[routes]]\npath_prefix = \"/blackhole/\"\nupstream = \"http://{blackhole}\"\ncredential = \"partner\"\n"
+        ),
+        ..Setup::default()
+    })
+    .await;
+    let (status, headers, body) = send(&client(), get(&h.url("/blackhole/x"))).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body:?}");
+    assert_eq!(headers["x-tokengate-error"], "upstream_timeout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_at_header_read_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::with(Setup {
+        server_extra: "header_read_timeout = \"500ms\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
+    stream
+        .write_all(b"GET /bytes/10 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The response (head and 10-byte body) arrives, then the idle connection is closed.
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the idle keep-alive connection was not closed"
+    );
+    assert!(String::from_utf8_lossy(&received).starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slowloris_client_is_disconnected_at_header_read_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let h = Harness::with(Setup {
