@@ -3,16 +3,15 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use http::Request;
 use http::header::HeaderName;
 use ipnet::IpNet;
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
-use tower::{Layer, Service};
+use tower::filter::Predicate;
 
-use crate::error::ProxyError;
+use crate::error::{BoxError, ProxyError};
 use crate::gateway::SharedLive;
 
 /// The client's address, put in each request's extensions by the accept loop.
@@ -75,58 +74,26 @@ impl std::fmt::Debug for AccessPolicy {
     }
 }
 
-/// Refuses requests the current [`AccessPolicy`] does not admit with 403 `forbidden`.
+/// The access check as a tower [`Predicate`] (for `tower::filter::FilterLayer`): refuses
+/// requests the current [`AccessPolicy`] does not admit with 403 `forbidden`.
 #[derive(Clone)]
-pub struct AccessLayer {
+pub struct AccessCheck {
     live: SharedLive,
 }
 
-impl AccessLayer {
-    /// Enforces the access policy of the current snapshot.
+impl AccessCheck {
+    /// Checks against the access policy of the current snapshot.
     pub fn new(live: SharedLive) -> Self {
         Self { live }
     }
 }
 
-impl<S> Layer<S> for AccessLayer {
-    type Service = Access<S>;
+impl<B> Predicate<Request<B>> for AccessCheck {
+    type Request = Request<B>;
 
-    fn layer(&self, inner: S) -> Self::Service {
-        Access {
-            inner,
-            live: self.live.clone(),
-        }
-    }
-}
-
-/// See [`AccessLayer`].
-#[derive(Clone)]
-pub struct Access<S> {
-    inner: S,
-    live: SharedLive,
-}
-
-impl<S, B> Service<Request<B>> for Access<S>
-where
-    S: Service<Request<B>, Error = ProxyError>,
-{
-    type Response = S::Response;
-    type Error = ProxyError;
-    type Future = futures_util::future::Either<
-        std::future::Ready<Result<S::Response, ProxyError>>,
-        S::Future,
-    >;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        use futures_util::future::Either;
-        match self.live.load().access.check(&mut req) {
-            Ok(()) => Either::Right(self.inner.call(req)),
-            Err(e) => Either::Left(std::future::ready(Err(e))),
-        }
+    fn check(&mut self, mut req: Request<B>) -> Result<Request<B>, BoxError> {
+        self.live.load().access.check(&mut req)?;
+        Ok(req)
     }
 }
 

@@ -136,15 +136,18 @@ impl ProxyError {
         let status = self.status();
         let kind = self.kind();
         let mut body = serde_json::json!({ "kind": kind, "message": self.to_string() });
-        let mut retry_after = None;
+        let retry_after = match &self {
+            // Whole seconds, rounded up, at least 1: a client retrying then finds a new exchange.
+            Self::Auth { retry_after, .. } => {
+                Some((retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)).max(1))
+            }
+            Self::Overloaded => Some(1),
+            _ => None,
+        };
         if let Self::Auth {
-            credential,
-            source,
-            retry_after: wait,
+            credential, source, ..
         } = &self
         {
-            // Whole seconds, rounded up, at least 1: a client retrying then finds a new exchange.
-            retry_after = Some((wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1));
             body["credential"] = credential.as_ref().into();
             if let AuthError::Rejected {
                 code,
@@ -162,9 +165,6 @@ impl ProxyError {
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(ERROR_HEADER, HeaderValue::from_static(kind));
-        if matches!(self, Self::Overloaded) {
-            retry_after = Some(1);
-        }
         if matches!(self, Self::AmbiguousFraming(_)) {
             headers.insert(CONNECTION, HeaderValue::from_static("close"));
         }

@@ -10,13 +10,15 @@
 //! - [`gateway`]: the [`Gateway`]: what a config builds, as one snapshot that reloads swap.
 //! - [`server`]: listeners, the accept loop, graceful shutdown.
 //! - [`stack`]: the request path, assembled in one place. Its layers, outside-in:
-//!   [`rescue`] (errors → JSON), [`access`] (allowed clients, shared key), [`route`] (match, rewrite, hop-by-hop), [`body`] (replayable
-//!   bodies), [`retry`] (once on 401), [`auth::inject`] (bearer), [`upstream`] (pooled client).
+//!   [`rescue`] (errors → JSON), [`access`] (allowed clients, shared key; a tower filter),
+//!   load shedding (tower), [`route`] (match, rewrite, hop-by-hop; a tower filter), [`body`]
+//!   (limits, replayable bodies), [`retry`] (once on 401), [`auth::inject`] (bearer),
+//!   [`upstream`] (pooled client).
 //! - [`error`]: every request-path error and the one place it becomes a response.
 //! - [`auth`]: the exchange ([`auth::exchange`], [`auth::crypto`]), [`auth::token`] and the
 //!   token cache ([`auth::cache`]).
 //! - [`admin`]: `/healthz`, `/readyz`.
-//! - [`tls`]: outbound rustls roots; [`hop`]: hop-by-hop headers.
+//! - [`tls`]: outbound roots and inbound certificates; [`hop`]: hop-by-hop headers, framing.
 //! - [`sandbox`]: a real auth server and upstream for the demo and the tests; [`demo`].
 
 pub mod access;

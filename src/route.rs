@@ -2,17 +2,15 @@
 //! strip hop-by-hop headers and apply the route's `client_authorization` policy.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use http::header::{AUTHORIZATION, HOST};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Uri, Version};
-use hyper::body::Incoming;
 use serde::Deserialize;
-use tower::{Layer, Service};
+use tower::filter::Predicate;
 
 use crate::auth::cache::TokenSource;
-use crate::error::ProxyError;
+use crate::error::{BoxError, ProxyError};
 use crate::gateway::SharedLive;
 use crate::upstream::UpstreamClient;
 
@@ -180,58 +178,26 @@ pub struct RouteCtx {
     pub inject: bool,
 }
 
-/// Matches each request to a route of the current snapshot; see the module docs.
+/// Routing as a tower [`Predicate`] (for `tower::filter::FilterLayer`): matches each request to
+/// a route of the current snapshot and rewrites it, or refuses it; see the module docs.
 #[derive(Clone)]
-pub struct RouteLayer {
+pub struct RouteMatch {
     live: SharedLive,
 }
 
-impl RouteLayer {
-    /// Routes requests over the current snapshot's routes.
+impl RouteMatch {
+    /// Routes over the current snapshot's routes.
     pub fn new(live: SharedLive) -> Self {
         Self { live }
     }
 }
 
-impl<S> Layer<S> for RouteLayer {
-    type Service = RouteService<S>;
+impl<B> Predicate<Request<B>> for RouteMatch {
+    type Request = Request<B>;
 
-    fn layer(&self, inner: S) -> Self::Service {
-        RouteService {
-            inner,
-            live: self.live.clone(),
-        }
-    }
-}
-
-/// See [`RouteLayer`].
-#[derive(Clone)]
-pub struct RouteService<S> {
-    inner: S,
-    live: SharedLive,
-}
-
-impl<S> Service<Request<Incoming>> for RouteService<S>
-where
-    S: Service<Request<Incoming>, Error = ProxyError>,
-{
-    type Response = S::Response;
-    type Error = ProxyError;
-    type Future = futures_util::future::Either<
-        std::future::Ready<Result<S::Response, ProxyError>>,
-        S::Future,
-    >;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
-        use futures_util::future::Either;
-        match route_request(&self.live.load().routes, &mut req) {
-            Ok(()) => Either::Right(self.inner.call(req)),
-            Err(e) => Either::Left(std::future::ready(Err(e))),
-        }
+    fn check(&mut self, mut req: Request<B>) -> Result<Request<B>, BoxError> {
+        route_request(&self.live.load().routes, &mut req)?;
+        Ok(req)
     }
 }
 

@@ -5,13 +5,14 @@ use std::convert::Infallible;
 use http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
+use tower::filter::FilterLayer;
 use tower::limit::ConcurrencyLimitLayer;
 use tower::load_shed::LoadShedLayer;
 use tower::util::MapErrLayer;
 use tower::{Service, ServiceBuilder};
 use tower_http::trace::TraceLayer;
 
-use crate::access::AccessLayer;
+use crate::access::AccessCheck;
 use crate::auth::inject::InjectBearerLayer;
 use crate::body::{BodyError, BodyLimits, ReplayBodyLayer};
 use crate::config::ServerConfig;
@@ -19,7 +20,7 @@ use crate::error::{BoxError, ProxyError};
 use crate::gateway::SharedLive;
 use crate::rescue::RescueLayer;
 use crate::retry::RetryOn401Layer;
-use crate::route::RouteLayer;
+use crate::route::RouteMatch;
 use crate::upstream::Upstream;
 
 /// The proxy's service for one listener: every request in, every response (or JSON error) out.
@@ -39,16 +40,17 @@ pub fn proxy(
         .layer(TraceLayer::new_for_http())
         // The one place a ProxyError becomes its JSON response; nothing below writes errors.
         .layer(RescueLayer)
-        // Only allowed clients holding the shared key (if configured) get any further.
-        .layer(AccessLayer::new(live.clone()))
-        // Shed load past max_concurrent_requests (503 overloaded) instead of queueing it.
+        // Unbox the errors of the tower layers below (filters, load shedding) to ProxyError.
         .layer(MapErrLayer::new(
             ProxyError::from as fn(BoxError) -> ProxyError,
         ))
+        // Only allowed clients holding the shared key (if configured) get any further.
+        .layer(FilterLayer::new(AccessCheck::new(live.clone())))
+        // Shed load past max_concurrent_requests (503 overloaded) instead of queueing it.
         .layer(LoadShedLayer::new())
         .layer(ConcurrencyLimitLayer::new(server.max_concurrent_requests))
         // Pick the route, rewrite the URI, strip hop-by-hop, apply client_authorization.
-        .layer(RouteLayer::new(live))
+        .layer(FilterLayer::new(RouteMatch::new(live)))
         // Hold bodies to max_request_body and body_idle_timeout; buffer small ones for replay.
         .layer(ReplayBodyLayer::new(BodyLimits {
             max_replay_body: server.max_replay_body as u64,

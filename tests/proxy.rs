@@ -507,6 +507,86 @@ async fn an_idle_keep_alive_connection_is_closed_at_header_read_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_max_connections_wait_until_one_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::with(Setup {
+        server_extra: "max_connections = 1".into(),
+        ..Setup::default()
+    })
+    .await;
+    let request = b"GET /bytes/1 HTTP/1.1\r\nHost: a\r\n\r\n";
+    let mut first = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
+    first.write_all(request).await.unwrap();
+    let mut buf = [0u8; 1024];
+    assert!(
+        first.read(&mut buf).await.unwrap() > 0,
+        "the first connection is served"
+    );
+
+    // The second connection is queued, not served, while the first stays open.
+    let mut second = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
+    second.write_all(request).await.unwrap();
+    let early = tokio::time::timeout(Duration::from_millis(500), second.read(&mut buf)).await;
+    assert!(early.is_err(), "served past max_connections");
+    assert_eq!(h.upstream.requests(), 1);
+
+    drop(first);
+    let n = tokio::time::timeout(Duration::from_secs(10), second.read(&mut buf))
+        .await
+        .expect("served once the first connection closed")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_are_told_the_stream_window_and_header_limits() {
+    use tokengate::server::{H2_MAX_HEADER_LIST, H2_STREAM_WINDOW, MAX_H2_STREAMS};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start().await;
+    let mut stream = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
+    // Client preface and an empty SETTINGS frame (prior knowledge, as h2c clients do).
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    stream
+        .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    // The server's first frame is its SETTINGS: 9-byte header, then 6-byte (id, value) pairs.
+    let mut head = [0u8; 9];
+    stream.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[3], 4, "a SETTINGS frame");
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).await.unwrap();
+    let settings: BTreeMap<u16, u32> = payload
+        .chunks(6)
+        .map(|s| {
+            (
+                u16::from_be_bytes([s[0], s[1]]),
+                u32::from_be_bytes([s[2], s[3], s[4], s[5]]),
+            )
+        })
+        .collect();
+    assert_eq!(
+        settings.get(&0x3),
+        Some(&MAX_H2_STREAMS),
+        "MAX_CONCURRENT_STREAMS: {settings:?}"
+    );
+    assert_eq!(
+        settings.get(&0x4),
+        Some(&H2_STREAM_WINDOW),
+        "INITIAL_WINDOW_SIZE: {settings:?}"
+    );
+    assert_eq!(
+        settings.get(&0x6),
+        Some(&H2_MAX_HEADER_LIST),
+        "MAX_HEADER_LIST_SIZE: {settings:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slowloris_client_is_disconnected_at_header_read_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let h = Harness::with(Setup {
