@@ -51,7 +51,7 @@ pub struct Config {
 }
 
 /// `[server]`: the proxy listener.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Listen address. Default `127.0.0.1:8080`: loopback, since whoever reaches this port uses
@@ -140,7 +140,7 @@ impl Default for ServerConfig {
 }
 
 /// `[admin]`: health and readiness.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Listen address for `/healthz` and `/readyz`. Default `127.0.0.1:9901`.

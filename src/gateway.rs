@@ -10,7 +10,7 @@ use arc_swap::ArcSwap;
 use crate::access::AccessPolicy;
 use crate::auth::cache::TokenSource;
 use crate::auth::exchange::{ExchangeParams, Exchanger};
-use crate::config::{Config, ConfigError, CredentialSecrets, SecretEnv};
+use crate::config::{Config, ConfigError, CredentialSecrets, SecretEnv, ServerConfig};
 use crate::route::{Route, RouteSpec, Routes};
 use crate::upstream::UpstreamClient;
 use crate::{tls, upstream};
@@ -62,10 +62,7 @@ impl Gateway {
     pub fn reload(&self, config: Config, env: &dyn SecretEnv) -> Result<(), ConfigError> {
         let old = self.live.load_full();
         let new = build(config, &self.file, env, Some(&old))?;
-        let restart_only = |a: &Config, b: &Config| {
-            format!("{:?}{:?}", a.server, a.admin) != format!("{:?}{:?}", b.server, b.admin)
-        };
-        if restart_only(&old.config, &new.config) {
+        if restart_only_settings_differ(&old.config, &new.config) {
             tracing::warn!(file = %self.file, "[server] and [admin] changes apply on restart only");
         }
         let kept: Vec<&str> = new
@@ -120,6 +117,17 @@ impl std::fmt::Debug for Gateway {
             .field("routes", &live.routes)
             .finish()
     }
+}
+
+/// Whether `[server]` or `[admin]` differ in a setting a reload cannot apply (everything but
+/// `allowed_clients` and `require_header`, which are part of the snapshot).
+fn restart_only_settings_differ(a: &Config, b: &Config) -> bool {
+    let bound_at_start = |s: &ServerConfig| ServerConfig {
+        allowed_clients: None,
+        require_header: None,
+        ..s.clone()
+    };
+    bound_at_start(&a.server) != bound_at_start(&b.server) || a.admin != b.admin
 }
 
 /// Builds a snapshot from `config`, reusing the token sources of `previous` whose settings and
@@ -210,4 +218,33 @@ fn build(
         credentials,
         routes: Routes::new(routes),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "[server]\nlisten = \"127.0.0.1:0\"\n";
+
+    fn config(extra: &str) -> Config {
+        Config::parse(&format!("{BASE}{extra}"), "t.toml").unwrap()
+    }
+
+    #[test]
+    fn only_settings_bound_at_start_count_as_restart_only() {
+        let base = config("");
+        assert!(!restart_only_settings_differ(&base, &config("")));
+        assert!(!restart_only_settings_differ(
+            &base,
+            &config("allowed_clients = [\"10.0.0.0/8\"]\n")
+        ));
+        assert!(restart_only_settings_differ(
+            &base,
+            &config("request_timeout = \"5s\"\n")
+        ));
+        assert!(restart_only_settings_differ(
+            &base,
+            &config("[admin]\nlisten = \"127.0.0.1:1\"\n")
+        ));
+    }
 }
