@@ -65,7 +65,7 @@ impl Gateway {
         if restart_only_settings_differ(&old.config, &new.config) {
             tracing::warn!(file = %self.file, "[server] and [admin] changes apply on restart only");
         }
-        let kept: Vec<&str> = new
+        let kept: Vec<String> = new
             .credentials
             .iter()
             .filter(|(name, source)| {
@@ -73,16 +73,18 @@ impl Gateway {
                     .get(*name)
                     .is_some_and(|o| o.same_source(source))
             })
-            .map(|(name, _)| name.as_str())
+            .map(|(name, _)| name.clone())
             .collect();
+        let (routes, credentials) = (new.routes.iter().count(), new.credentials.len());
+        // Swap first, then say so: whoever reads the log line finds the new configuration.
+        self.live.store(Arc::new(new));
         tracing::info!(
             file = %self.file,
-            routes = new.routes.iter().count(),
-            credentials = new.credentials.len(),
+            routes,
+            credentials,
             tokens_kept = ?kept,
             "configuration reloaded"
         );
-        self.live.store(Arc::new(new));
         Ok(())
     }
 
