@@ -1237,6 +1237,73 @@ async fn connect_and_trace_get_405_and_redirects_are_passed_through() {
     assert_eq!(h.upstream.requests(), 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_credentials_api_shows_state_and_refreshes_and_invalidates_without_tokens() {
+    let h = Harness::start().await;
+    let client = client();
+    let admin = |path: &str| format!("http://{}{path}", h.admin);
+    let post = |path: &str| Request::post(admin(path)).body(full(Bytes::new())).unwrap();
+
+    let (status, _, body) = send(&client, get(&admin("/admin/credentials"))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json(&body)["partner"]["state"], "no_token");
+    assert_eq!(
+        send(&client, get(&admin("/readyz"))).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+
+    let (status, _, body) = send(&client, post("/admin/credentials/partner/refresh")).await;
+    assert_eq!(status, StatusCode::OK);
+    let state = json(&body);
+    assert_eq!(state["state"], "valid");
+    assert_eq!(state["exchanges"], 1);
+    assert_eq!(state["last_log_uuid"].as_str().unwrap().len(), 36);
+    assert!(
+        !String::from_utf8_lossy(&body).contains("eyJ"),
+        "never a token: {state}"
+    );
+    assert_eq!(
+        send(&client, get(&admin("/readyz"))).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(send(&client, get(&h.url("/x"))).await.0, StatusCode::OK);
+    assert_eq!(
+        h.auth.requests(),
+        1,
+        "the refreshed token served the request"
+    );
+
+    let (status, _, body) = send(&client, post("/admin/credentials/partner/invalidate")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json(&body)["state"], "no_token");
+    assert_eq!(
+        send(&client, get(&admin("/readyz"))).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(send(&client, get(&h.url("/y"))).await.0, StatusCode::OK);
+    assert_eq!(
+        h.auth.requests(),
+        2,
+        "invalidated: the next request exchanged again"
+    );
+
+    // A refused refresh is reported like any auth error, and the state shows it.
+    h.auth.set_fault(Fault::Code(10));
+    let (status, headers, _) = send(&client, post("/admin/credentials/partner/refresh")).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(headers["x-tokengate-error"], "auth_rejected");
+    let (_, _, body) = send(&client, get(&admin("/admin/credentials"))).await;
+    let state = &json(&body)["partner"];
+    assert_eq!(state["backing_off"], true);
+    assert!(
+        state["last_error"].as_str().unwrap().contains("code 10"),
+        "{state}"
+    );
+
+    let (status, _, _) = send(&client, post("/admin/credentials/nope/refresh")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
 /// Sends raw HTTP/1.1 bytes and returns the status and the head as text.
 async fn raw_request(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -31,6 +31,7 @@ struct Inner {
     renewer: Mutex<Option<AbortHandle>>,
     backoff: Backoff,
     exchanges: AtomicU64,
+    last_log_uuid: Mutex<Option<String>>,
 }
 
 /// Entries live until the token stops being usable.
@@ -74,6 +75,7 @@ impl TokenSource {
                 renewer: Mutex::new(None),
                 backoff: Backoff::new(max_backoff),
                 exchanges: AtomicU64::new(0),
+                last_log_uuid: Mutex::new(None),
             }),
         }
     }
@@ -159,6 +161,39 @@ impl TokenSource {
         self.inner.exchanges.load(Ordering::Relaxed)
     }
 
+    /// The auth server's `logUUID` from the last exchange that carried one.
+    pub fn last_log_uuid(&self) -> Option<String> {
+        self.inner
+            .last_log_uuid
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Runs an exchange now and makes its token current (admin `refresh`); the previous token
+    /// is replaced at once.
+    pub async fn refresh(&self) -> Result<Arc<Token>, Arc<AuthError>> {
+        let token = Arc::new(self.inner.exchange().await?);
+        self.inner.cache.insert((), token.clone()).await;
+        self.inner.schedule_renewal(&token);
+        Ok(token)
+    }
+
+    /// Drops the current token, whatever its generation (admin `invalidate`); the next request
+    /// runs a cold exchange.
+    pub async fn invalidate(&self) {
+        self.inner.cache.invalidate(&()).await;
+        if let Some(task) = self
+            .inner
+            .renewer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            task.abort();
+        }
+    }
+
     /// Runs one exchange outside the cache (for `tokengate token`).
     pub async fn exchange_once(&self) -> Result<Token, Arc<AuthError>> {
         self.inner.exchange().await
@@ -170,6 +205,13 @@ impl Inner {
     async fn exchange(&self) -> Result<Token, Arc<AuthError>> {
         self.exchanges.fetch_add(1, Ordering::Relaxed);
         let result = self.exchanger.exchange().await.map_err(Arc::new);
+        let log_uuid = match &result {
+            Ok(token) => token.log_uuid(),
+            Err(error) => error.log_uuid(),
+        };
+        if let Some(uuid) = log_uuid {
+            *self.last_log_uuid.lock().unwrap_or_else(|e| e.into_inner()) = Some(uuid.to_owned());
+        }
         match &result {
             Ok(token) => {
                 self.backoff.succeeded();

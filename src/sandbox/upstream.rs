@@ -196,8 +196,12 @@ impl UpstreamState {
         let mut hasher = Sha256::new();
         let mut recorded = BytesMut::new();
         let mut total = 0u64;
+        let mut broken = false;
         while let Some(frame) = body.frame().await {
-            let Ok(frame) = frame else { break };
+            let Ok(frame) = frame else {
+                broken = true; // the sender aborted: a real server fails such a request
+                break;
+            };
             if let Ok(data) = frame.into_data() {
                 hasher.update(&data);
                 total += data.len() as u64;
@@ -210,6 +214,10 @@ impl UpstreamState {
         }
 
         let response = match verdict {
+            _ if broken => json_response(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({ "error": "request body broke off" }),
+            ),
             Err(reason) => {
                 self.unauthorized.fetch_add(1, Ordering::SeqCst);
                 let mut r = json_response(
