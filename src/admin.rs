@@ -1,9 +1,11 @@
 //! The admin listener: `/healthz` (process up), `/readyz` (every credential holds a usable token),
+//! `/metrics` (Prometheus),
 //! and the credentials API: `GET /admin/credentials` (state, expiry, age, last error and logUUID;
 //! never a token), `POST /admin/credentials/NAME/refresh` and `/invalidate`.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::{CONTENT_TYPE, HeaderValue};
@@ -15,10 +17,12 @@ use crate::auth::cache::TokenSource;
 use crate::body::{ProxyBody, ProxyResponse};
 use crate::error::{Chain, ProxyError};
 use crate::gateway::SharedLive;
+use crate::metrics::Metrics;
 
 /// The admin service over the current snapshot's credentials.
 pub fn service(
     live: SharedLive,
+    metrics: Arc<Metrics>,
 ) -> impl tower::Service<
     Request<Incoming>,
     Response = ProxyResponse,
@@ -29,18 +33,30 @@ pub fn service(
 + 'static {
     tower::service_fn(move |req: Request<Incoming>| {
         let live = live.load_full();
-        async move { Ok(handle(req, &live.credentials).await) }
+        let metrics = metrics.clone();
+        async move { Ok(handle(req, &live.credentials, &metrics).await) }
     })
 }
 
 async fn handle(
     req: Request<Incoming>,
     credentials: &BTreeMap<String, TokenSource>,
+    metrics: &Metrics,
 ) -> ProxyResponse {
     let path = req.uri().path();
     match (req.method(), path) {
         (&Method::GET, "/healthz") => json_response(StatusCode::OK, json!({ "status": "ok" })),
         (&Method::GET, "/readyz") => readyz(credentials).await,
+        (&Method::GET, "/metrics") => {
+            let mut response = Response::new(ProxyBody::full(metrics.render(credentials).await));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            response
+        }
         (&Method::GET, "/admin/credentials") => {
             let mut all = serde_json::Map::new();
             for (name, source) in credentials {

@@ -11,6 +11,7 @@ use crate::access::AccessPolicy;
 use crate::auth::cache::TokenSource;
 use crate::auth::exchange::{ExchangeParams, Exchanger};
 use crate::config::{Config, ConfigError, CredentialSecrets, SecretEnv, ServerConfig};
+use crate::metrics::Metrics;
 use crate::route::{Route, RouteSpec, Routes};
 use crate::upstream::UpstreamClient;
 use crate::{tls, upstream};
@@ -34,6 +35,7 @@ pub type SharedLive = Arc<ArcSwap<Live>>;
 pub struct Gateway {
     live: SharedLive,
     file: String,
+    metrics: Arc<Metrics>,
 }
 
 impl Gateway {
@@ -49,10 +51,12 @@ impl Gateway {
                 },
             )?;
         }
-        let live = build(config, file, env, None)?;
+        let metrics = Metrics::new();
+        let live = build(config, file, env, None, &metrics)?;
         Ok(Self {
             live: Arc::new(ArcSwap::from_pointee(live)),
             file: file.to_owned(),
+            metrics,
         })
     }
 
@@ -61,7 +65,7 @@ impl Gateway {
     /// `[server]` and `[admin]` settings are bound at start; changes to them wait for a restart.
     pub fn reload(&self, config: Config, env: &dyn SecretEnv) -> Result<(), ConfigError> {
         let old = self.live.load_full();
-        let new = build(config, &self.file, env, Some(&old))?;
+        let new = build(config, &self.file, env, Some(&old), &self.metrics)?;
         if restart_only_settings_differ(&old.config, &new.config) {
             tracing::warn!(file = %self.file, "[server] and [admin] changes apply on restart only");
         }
@@ -103,6 +107,11 @@ impl Gateway {
         self.live.clone()
     }
 
+    /// The process's metrics.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
     /// The token source of credential `name`, as currently configured.
     pub fn credential(&self, name: &str) -> Option<TokenSource> {
         self.live.load().credentials.get(name).cloned()
@@ -139,6 +148,7 @@ fn build(
     file: &str,
     env: &dyn SecretEnv,
     previous: Option<&Live>,
+    metrics: &Arc<Metrics>,
 ) -> Result<Live, ConfigError> {
     let err = |key: String, problem: String| ConfigError {
         file: file.to_owned(),
@@ -174,7 +184,13 @@ fn build(
             .map_err(|e| err(format!("credentials.{name}.agent_id"), e.to_string()))?;
         credentials.insert(
             name.clone(),
-            TokenSource::new(name, exchanger, c.refresh_before, c.max_backoff),
+            TokenSource::new(
+                name,
+                exchanger,
+                c.refresh_before,
+                c.max_backoff,
+                metrics.clone(),
+            ),
         );
     }
 

@@ -17,7 +17,8 @@
 //! - [`error`]: every request-path error and the one place it becomes a response.
 //! - [`auth`]: the exchange ([`auth::exchange`], [`auth::crypto`]), [`auth::token`] and the
 //!   token cache ([`auth::cache`]).
-//! - [`admin`]: `/healthz`, `/readyz`.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, the credentials API; [`metrics`]: the
+//!   Prometheus registry and the recording middleware.
 //! - [`tls`]: outbound roots and inbound certificates; [`hop`]: hop-by-hop headers, framing.
 //! - [`sandbox`]: a real auth server and upstream for the demo and the tests; [`demo`].
 
@@ -30,6 +31,7 @@ pub mod demo;
 pub mod error;
 pub mod gateway;
 pub mod hop;
+pub mod metrics;
 pub mod rescue;
 pub mod retry;
 pub mod route;

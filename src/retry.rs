@@ -2,6 +2,7 @@
 //! buffered request with a fresh token. Streaming bodies are not replayed; a second 401 goes to
 //! the client.
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::future::BoxFuture;
@@ -11,17 +12,30 @@ use tower::{Layer, Service, ServiceExt};
 use crate::auth::inject::UsedToken;
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
+use crate::metrics::Metrics;
 use crate::route::RouteCtx;
 
 /// Replays a request once when the upstream answers 401 to an injected token.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RetryOn401Layer;
+#[derive(Debug, Clone)]
+pub struct RetryOn401Layer {
+    metrics: Arc<Metrics>,
+}
+
+impl RetryOn401Layer {
+    /// Counts replays in `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
 
 impl<S> Layer<S> for RetryOn401Layer {
     type Service = RetryOn401<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RetryOn401 { inner }
+        RetryOn401 {
+            inner,
+            metrics: self.metrics.clone(),
+        }
     }
 }
 
@@ -29,6 +43,7 @@ impl<S> Layer<S> for RetryOn401Layer {
 #[derive(Debug, Clone)]
 pub struct RetryOn401<S> {
     inner: S,
+    metrics: Arc<Metrics>,
 }
 
 impl<S, RB> Service<Request<ProxyBody>> for RetryOn401<S>
@@ -53,6 +68,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let ctx = req.extensions().get::<RouteCtx>().cloned();
         let replay = replayable_copy(&req);
+        let metrics = self.metrics.clone();
         Box::pin(async move {
             let response = inner.call(req).await?;
             if response.status() != StatusCode::UNAUTHORIZED {
@@ -69,6 +85,7 @@ where
             };
             tracing::debug!(route = %ctx.route.name, generation, "401; replaying with a fresh token");
             drop(response);
+            metrics.retry(&ctx.route.name);
             inner.ready().await?.call(replay).await
         })
     }

@@ -12,6 +12,7 @@ use tower::filter::Predicate;
 use crate::auth::cache::TokenSource;
 use crate::error::{BoxError, ProxyError};
 use crate::gateway::SharedLive;
+use crate::metrics::RouteSlot;
 use crate::upstream::UpstreamClient;
 
 /// What to do with an `Authorization` header the client sent itself.
@@ -30,7 +31,7 @@ pub enum ClientAuthorization {
 /// One route, ready to serve.
 pub struct Route {
     /// Where it stands in the config, e.g. `routes[0]`, for logs and metrics.
-    pub name: String,
+    pub name: Arc<str>,
     host: Option<String>,
     path_prefix: String,
     scheme: Scheme,
@@ -69,7 +70,7 @@ impl Route {
     pub fn new(spec: RouteSpec) -> Option<Self> {
         let base = spec.upstream.path().trim_end_matches('/').to_owned();
         Some(Self {
-            name: spec.name,
+            name: spec.name.into(),
             host: spec.host.map(|h| h.to_ascii_lowercase()),
             path_prefix: spec.path_prefix,
             scheme: spec.upstream.scheme()?.clone(),
@@ -221,6 +222,9 @@ pub fn route_request<B>(routes: &Routes, req: &mut Request<B>) -> Result<(), Pro
         .ok_or(ProxyError::NoRoute { absolute_form })?
         .clone();
 
+    if let Some(slot) = req.extensions().get::<RouteSlot>() {
+        slot.set(&route.name);
+    }
     let has_client_auth = req.headers().contains_key(AUTHORIZATION);
     let inject = match route.client_authorization {
         ClientAuthorization::Reject if has_client_auth => {

@@ -68,7 +68,7 @@ impl Gateway {
         let (stop, stopped) = watch::channel(false);
         let http = Arc::new(http_builder(server));
         let mut tasks = JoinSet::new();
-        let service = stack::proxy(self.shared(), server);
+        let service = stack::proxy(self.shared(), self.metrics(), server);
         let tls = match &server.tls {
             None => None,
             Some(t) => {
@@ -92,7 +92,7 @@ impl Gateway {
             shutdown_grace: server.shutdown_grace,
             tls: None,
         };
-        let service = admin::service(self.shared());
+        let service = admin::service(self.shared(), self.metrics());
         tasks.spawn(serve(admin, service, http, stopped, limits));
         tracing::info!(%proxy_addr, %admin_addr, routes = snapshot.config.routes.len(), "tokengate serving");
         Ok(Running {

@@ -1,6 +1,7 @@
 //! The request path, assembled in one place. Read it top to bottom: a request flows outside-in.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use http::{Request, Response};
 use http_body::Body;
@@ -18,6 +19,7 @@ use crate::body::{BodyError, BodyLimits, ReplayBodyLayer};
 use crate::config::ServerConfig;
 use crate::error::{BoxError, ProxyError};
 use crate::gateway::SharedLive;
+use crate::metrics::{Metrics, RecordLayer};
 use crate::rescue::RescueLayer;
 use crate::retry::RetryOn401Layer;
 use crate::route::RouteMatch;
@@ -26,6 +28,7 @@ use crate::upstream::Upstream;
 /// The proxy's service for one listener: every request in, every response (or JSON error) out.
 pub fn proxy(
     live: SharedLive,
+    metrics: Arc<Metrics>,
     server: &ServerConfig,
 ) -> impl Service<
     Request<Incoming>,
@@ -38,6 +41,8 @@ pub fn proxy(
     ServiceBuilder::new()
         // A span per request (method, URI, status, latency) for everything below; no headers.
         .layer(TraceLayer::new_for_http())
+        // Requests by route and status, and their duration, as the client saw them.
+        .layer(RecordLayer::new(metrics.clone()))
         // The one place a ProxyError becomes its JSON response; nothing below writes errors.
         .layer(RescueLayer)
         // Unbox the errors of the tower layers below (filters, load shedding) to ProxyError.
@@ -58,7 +63,7 @@ pub fn proxy(
             idle_timeout: server.body_idle_timeout,
         }))
         // On 401 to our token: invalidate it if still current, replay once with a fresh one.
-        .layer(RetryOn401Layer)
+        .layer(RetryOn401Layer::new(metrics))
         // Set Authorization from the cache (or the one shared exchange); after stripping.
         .layer(InjectBearerLayer)
         // Pooled http/https client, bounded by request_timeout; response bodies by idleness.

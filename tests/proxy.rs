@@ -1304,6 +1304,144 @@ async fn admin_credentials_api_shows_state_and_refreshes_and_invalidates_without
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_retries_exchanges_and_token_state() {
+    let h = Harness::start().await;
+    let client = client();
+    let metrics = || async {
+        let (status, headers, body) =
+            send(&client, get(&format!("http://{}/metrics", h.admin))).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            headers["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/openmetrics-text")
+        );
+        String::from_utf8(body.to_vec()).unwrap()
+    };
+    let value = |text: &str, series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    };
+
+    // Three successes: a warm-up, one replayed after a revocation, and an absolute-form one.
+    h.warm(&client).await;
+    h.upstream.revoke_seen();
+    assert_eq!(send(&client, get(&h.url("/again"))).await.0, StatusCode::OK);
+    let (status, _) = raw_request(
+        h.proxy,
+        "GET http://unrouted.example/ HTTP/1.1\r\nHost: unrouted.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        status, 200,
+        "the catch-all route has no host, so this is routed"
+    );
+
+    let text = metrics().await;
+    assert_eq!(
+        value(
+            &text,
+            r#"tokengate_requests_total{route="routes[0]",status="200"}"#
+        ),
+        3.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            r#"tokengate_upstream_retries_total{route="routes[0]"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            r#"tokengate_token_exchanges_total{credential="partner",outcome="ok"}"#
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(&text, "tokengate_token_exchange_duration_seconds_count"),
+        2.0
+    );
+    assert_eq!(
+        value(&text, "tokengate_request_duration_seconds_count"),
+        3.0
+    );
+    let expiry = value(
+        &text,
+        r#"tokengate_token_expiry_seconds{credential="partner"}"#,
+    );
+    assert!(expiry > 3500.0 && expiry <= 3600.0, "{expiry}");
+    assert_eq!(
+        value(
+            &text,
+            r#"tokengate_auth_backoff_active{credential="partner"}"#
+        ),
+        0.0
+    );
+    assert!(!text.contains("eyJ"), "never a token in metrics");
+
+    // A refused exchange: counted as rejected, the backoff shows, and no token is held.
+    h.gateway.credential("partner").unwrap().invalidate().await;
+    h.auth.set_fault(Fault::Code(10));
+    assert_eq!(
+        send(&client, get(&h.url("/refused"))).await.0,
+        StatusCode::BAD_GATEWAY
+    );
+    let text = metrics().await;
+    assert_eq!(
+        value(
+            &text,
+            r#"tokengate_requests_total{route="routes[0]",status="502"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            r#"tokengate_token_exchanges_total{credential="partner",outcome="rejected"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            r#"tokengate_auth_backoff_active{credential="partner"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            r#"tokengate_token_expiry_seconds{credential="partner"}"#
+        ),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_no_route_matches_are_counted_under_route_none() {
+    let h = Harness::with(Setup {
+        route_extra: "host = \"api.example.com\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    let client = client();
+    assert_eq!(
+        send(&client, get(&h.url("/x"))).await.0,
+        StatusCode::NOT_FOUND
+    );
+    let (_, _, body) = send(&client, get(&format!("http://{}/metrics", h.admin))).await;
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    assert!(
+        text.contains(r#"tokengate_requests_total{route="none",status="404"} 1"#),
+        "{text}"
+    );
+}
+
 /// Sends raw HTTP/1.1 bytes and returns the status and the head as text.
 async fn raw_request(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -13,6 +13,7 @@ use tokio::task::AbortHandle;
 use super::backoff::{Backoff, NoToken};
 use super::exchange::{AuthError, Exchanger};
 use super::token::Token;
+use crate::metrics::Metrics;
 
 /// The largest share of the renewal lead added as random jitter, so fleets do not renew in step.
 pub const RENEW_JITTER_FRACTION: f64 = 0.1;
@@ -32,6 +33,7 @@ struct Inner {
     backoff: Backoff,
     exchanges: AtomicU64,
     last_log_uuid: Mutex<Option<String>>,
+    metrics: Arc<Metrics>,
 }
 
 /// Entries live until the token stops being usable.
@@ -56,12 +58,13 @@ impl Expiry<(), Arc<Token>> for UntilUnusable {
 
 impl TokenSource {
     /// A source for credential `name`, renewing `refresh_before` ahead of expiry (plus jitter),
-    /// and backing off at most `max_backoff` between failed exchanges.
+    /// backing off at most `max_backoff` between failed exchanges, recording into `metrics`.
     pub fn new(
         name: &str,
         exchanger: Exchanger,
         refresh_before: Duration,
         max_backoff: Duration,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -76,6 +79,7 @@ impl TokenSource {
                 backoff: Backoff::new(max_backoff),
                 exchanges: AtomicU64::new(0),
                 last_log_uuid: Mutex::new(None),
+                metrics,
             }),
         }
     }
@@ -204,7 +208,15 @@ impl Inner {
     /// Runs one exchange and records its outcome in the backoff.
     async fn exchange(&self) -> Result<Token, Arc<AuthError>> {
         self.exchanges.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
         let result = self.exchanger.exchange().await.map_err(Arc::new);
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) if matches!(**e, AuthError::Rejected { .. }) => "rejected",
+            Err(_) => "unavailable",
+        };
+        self.metrics
+            .exchange(&self.name, outcome, started.elapsed());
         let log_uuid = match &result {
             Ok(token) => token.log_uuid(),
             Err(error) => error.log_uuid(),

@@ -1,0 +1,265 @@
+//! Prometheus metrics (`/metrics` on the admin listener), and the middleware that records every
+//! request's route, status and duration. Route names reach it through a [`RouteSlot`] the route
+//! filter fills in.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tower::{Layer, Service};
+
+use crate::auth::cache::TokenSource;
+
+/// The label of requests no route matched.
+pub const NO_ROUTE: &str = "none";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExchangeLabels {
+    credential: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CredentialLabels {
+    credential: String,
+}
+
+/// Every metric tokengate exports. One per process; it outlives reloads.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Histogram,
+    retries: Family<RouteLabels, Counter>,
+    exchanges: Family<ExchangeLabels, Counter>,
+    exchange_duration: Histogram,
+    token_expiry: Family<CredentialLabels, Gauge<f64, AtomicU64>>,
+    backoff_active: Family<CredentialLabels, Gauge>,
+}
+
+impl Metrics {
+    /// A registry with every metric registered.
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("tokengate");
+        let requests = Family::default();
+        let request_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        let retries = Family::default();
+        let exchanges = Family::default();
+        let exchange_duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
+        let token_expiry = Family::default();
+        let backoff_active = Family::default();
+        registry.register(
+            "requests",
+            "Requests answered, by route and status",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to response head",
+            request_duration.clone(),
+        );
+        registry.register(
+            "upstream_retries",
+            "Requests replayed after a 401",
+            retries.clone(),
+        );
+        registry.register(
+            "token_exchanges",
+            "Token exchanges, by credential and outcome (ok, rejected, unavailable)",
+            exchanges.clone(),
+        );
+        registry.register(
+            "token_exchange_duration_seconds",
+            "Time one exchange took, retries on code 83 included",
+            exchange_duration.clone(),
+        );
+        registry.register(
+            "token_expiry_seconds",
+            "Seconds until the current token expires (0 without one)",
+            token_expiry.clone(),
+        );
+        registry.register(
+            "auth_backoff_active",
+            "1 while the credential backs off after a failed exchange",
+            backoff_active.clone(),
+        );
+        Arc::new(Self {
+            registry,
+            requests,
+            request_duration,
+            retries,
+            exchanges,
+            exchange_duration,
+            token_expiry,
+            backoff_active,
+        })
+    }
+
+    /// Records one exchange of `credential`.
+    pub fn exchange(&self, credential: &str, outcome: &'static str, took: Duration) {
+        let labels = ExchangeLabels {
+            credential: credential.to_owned(),
+            outcome,
+        };
+        self.exchanges.get_or_create(&labels).inc();
+        self.exchange_duration.observe(took.as_secs_f64());
+    }
+
+    /// Records a replay after a 401 on `route`.
+    pub fn retry(&self, route: &str) {
+        let labels = RouteLabels {
+            route: route.to_owned(),
+        };
+        self.retries.get_or_create(&labels).inc();
+    }
+
+    /// The Prometheus text exposition, with the token gauges read from `credentials` now.
+    pub async fn render(&self, credentials: &BTreeMap<String, TokenSource>) -> String {
+        let now = Instant::now();
+        for (name, source) in credentials {
+            let labels = CredentialLabels {
+                credential: name.clone(),
+            };
+            let expiry = source.current().await.map_or(0.0, |t| {
+                t.expires_at().saturating_duration_since(now).as_secs_f64()
+            });
+            self.token_expiry.get_or_create(&labels).set(expiry);
+            self.backoff_active
+                .get_or_create(&labels)
+                .set(i64::from(source.backing_off()));
+        }
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// Where the route filter writes the name of the route a request matched.
+#[derive(Clone, Debug, Default)]
+pub struct RouteSlot(Arc<OnceLock<Arc<str>>>);
+
+impl RouteSlot {
+    /// Records the matched route.
+    pub fn set(&self, route: &Arc<str>) {
+        let _ = self.0.set(route.clone());
+    }
+}
+
+/// Records `tokengate_requests_total` and `tokengate_request_duration_seconds`.
+#[derive(Clone, Debug)]
+pub struct RecordLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl RecordLayer {
+    /// Records into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> Layer<S> for RecordLayer {
+    type Service = Record<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Record {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// See [`RecordLayer`].
+#[derive(Clone, Debug)]
+pub struct Record<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, B, RB> Service<Request<B>> for Record<S>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = RecordFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let slot = RouteSlot::default();
+        req.extensions_mut().insert(slot.clone());
+        RecordFuture {
+            inner: self.inner.call(req),
+            metrics: self.metrics.clone(),
+            slot,
+            started: Instant::now(),
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`Record`].
+    pub struct RecordFuture<F> {
+        #[pin]
+        inner: F,
+        metrics: Arc<Metrics>,
+        slot: RouteSlot,
+        started: Instant,
+    }
+}
+
+impl<F, RB, E> Future for RecordFuture<F>
+where
+    F: Future<Output = Result<Response<RB>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        if let Ok(response) = &result {
+            let route = this.slot.0.get().map_or(NO_ROUTE, |r| r.as_ref());
+            let labels = RequestLabels {
+                route: route.to_owned(),
+                status: response.status().as_u16(),
+            };
+            this.metrics.requests.get_or_create(&labels).inc();
+            this.metrics
+                .request_duration
+                .observe(this.started.elapsed().as_secs_f64());
+        }
+        Poll::Ready(result)
+    }
+}
