@@ -1,6 +1,6 @@
-//! Prometheus metrics (`/metrics` on the admin listener), and the middleware that records every
-//! request's route, status and duration. Route names reach it through a [`RouteSlot`] the route
-//! filter fills in.
+//! Prometheus metrics (`/metrics` on the admin listener), and the middleware that observes every
+//! request: it counts it by route and status, times it, and writes its access-log line. The
+//! matched route reaches it through a [`RouteSlot`] the route filter fills in.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -21,6 +21,7 @@ use prometheus_client::registry::Registry;
 use tower::{Layer, Service};
 
 use crate::auth::cache::TokenSource;
+use crate::route::Route;
 
 /// The label of requests no route matched.
 pub const NO_ROUTE: &str = "none";
@@ -163,16 +164,20 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-/// Where the route filter writes the name of the route a request matched.
+/// Where the route filter writes the route a request matched.
 #[derive(Clone, Debug, Default)]
-pub struct RouteSlot(Arc<OnceLock<Arc<str>>>);
+pub struct RouteSlot(Arc<OnceLock<Arc<Route>>>);
 
 impl RouteSlot {
     /// Records the matched route.
-    pub fn set(&self, route: &Arc<str>) {
+    pub fn set(&self, route: &Arc<Route>) {
         let _ = self.0.set(route.clone());
     }
 }
+
+/// Marks a response that answers a replay after a 401.
+#[derive(Clone, Copy, Debug)]
+pub struct Replayed;
 
 /// Records `tokengate_requests_total` and `tokengate_request_duration_seconds`.
 #[derive(Clone, Debug)]
@@ -220,7 +225,17 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let slot = RouteSlot::default();
         req.extensions_mut().insert(slot.clone());
+        let host = match req.uri().authority() {
+            Some(a) => Some(a.as_str().to_owned()),
+            None => req
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned),
+        };
         RecordFuture {
+            method: req.method().clone(),
+            host,
             inner: self.inner.call(req),
             metrics: self.metrics.clone(),
             slot,
@@ -237,6 +252,8 @@ pin_project! {
         metrics: Arc<Metrics>,
         slot: RouteSlot,
         started: Instant,
+        method: http::Method,
+        host: Option<String>,
     }
 }
 
@@ -250,15 +267,32 @@ where
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
         if let Ok(response) = &result {
-            let route = this.slot.0.get().map_or(NO_ROUTE, |r| r.as_ref());
+            let latency = this.started.elapsed();
+            let route = this.slot.0.get();
+            let route_name = route.map_or(NO_ROUTE, |r| r.name.as_ref());
+            let status = response.status().as_u16();
             let labels = RequestLabels {
-                route: route.to_owned(),
-                status: response.status().as_u16(),
+                route: route_name.to_owned(),
+                status,
             };
             this.metrics.requests.get_or_create(&labels).inc();
-            this.metrics
-                .request_duration
-                .observe(this.started.elapsed().as_secs_f64());
+            this.metrics.request_duration.observe(latency.as_secs_f64());
+            // One line per request. `bytes` is the response's declared length (streamed bodies
+            // of unknown length log none); never a header value.
+            tracing::info!(
+                target: "tokengate::access",
+                method = %this.method,
+                route = route_name,
+                host = this.host.as_deref(),
+                status,
+                latency_ms = latency.as_secs_f64() * 1000.0,
+                retried = response.extensions().get::<Replayed>().is_some(),
+                credential = route.map(|r| r.credential.name().as_ref()),
+                bytes = response
+                    .headers()
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok()),
+            );
         }
         Poll::Ready(result)
     }

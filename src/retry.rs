@@ -12,7 +12,7 @@ use tower::{Layer, Service, ServiceExt};
 use crate::auth::inject::UsedToken;
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Replayed};
 use crate::route::RouteCtx;
 
 /// Replays a request once when the upstream answers 401 to an injected token.
@@ -86,7 +86,9 @@ where
             tracing::debug!(route = %ctx.route.name, generation, "401; replaying with a fresh token");
             drop(response);
             metrics.retry(&ctx.route.name);
-            inner.ready().await?.call(replay).await
+            let mut response = inner.ready().await?.call(replay).await?;
+            response.extensions_mut().insert(Replayed);
+            Ok(response)
         })
     }
 }

@@ -223,7 +223,7 @@ pub fn route_request<B>(routes: &Routes, req: &mut Request<B>) -> Result<(), Pro
         .clone();
 
     if let Some(slot) = req.extensions().get::<RouteSlot>() {
-        slot.set(&route.name);
+        slot.set(&route);
     }
     let has_client_auth = req.headers().contains_key(AUTHORIZATION);
     let inject = match route.client_authorization {

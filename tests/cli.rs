@@ -223,6 +223,22 @@ async fn run_serves_and_sigterm_lets_the_request_in_flight_finish_then_exits_0()
     let mut run = Run::start().await;
     assert_eq!(run.get("/via-run").await, 200);
     assert_eq!(run.sandbox.upstream.requests(), 1);
+    // One access-log line per request, with the fields operators filter on.
+    let access = Run::wait_for(&mut run.logs, |e| {
+        (e["target"] == "tokengate::access").then(|| e["fields"].clone())
+    })
+    .await;
+    assert_eq!(access["method"], "GET", "{access}");
+    assert_eq!(access["route"], "routes[0]");
+    assert_eq!(access["status"], 200);
+    assert_eq!(access["credential"], "partner");
+    assert_eq!(access["retried"], false);
+    assert_eq!(
+        access["host"], run.proxy,
+        "the authority as the client sent it"
+    );
+    assert!(access["latency_ms"].as_f64().unwrap() >= 0.0);
+    assert!(access.get("bytes").is_some(), "{access}");
 
     let in_flight = tokio::spawn({
         let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
