@@ -627,6 +627,12 @@ credential = "partner"
     }
 
     #[test]
+    fn shipped_compose_config_is_valid() {
+        let c = Config::parse(include_str!("../deploy/compose/proxy.toml"), "compose").unwrap();
+        assert_eq!(c.routes[0].host.as_deref(), Some("api.example.com"));
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let e = problem(&GOOD.replace("credential = \"partner\"", "credential = \"nope\""));
         assert_eq!(e.key, "routes[0].credential");

@@ -30,6 +30,37 @@ enum LogFormat {
 }
 
 #[derive(Subcommand)]
+enum SandboxServer {
+    /// The sandbox auth server (`POST /v2/auth`, PROTOCOL.md).
+    Auth {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: SocketAddr,
+        /// The agent id it accepts.
+        #[arg(long)]
+        agent: String,
+        /// The agent's secret.
+        #[arg(long, env = "SANDBOX_AGENT_SECRET", hide_env_values = true)]
+        secret: String,
+        /// Token lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        expires_in: u64,
+        /// The HS256 key tokens are signed with, 64 hex characters (shared with the upstream).
+        #[arg(long, env = "SANDBOX_JWT_KEY", hide_env_values = true)]
+        jwt_key: String,
+    },
+    /// The sandbox upstream: echoes requests carrying a valid sandbox token.
+    Upstream {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:9100")]
+        listen: SocketAddr,
+        /// The HS256 key tokens are verified with, 64 hex characters (shared with the auth server).
+        #[arg(long, env = "SANDBOX_JWT_KEY", hide_env_values = true)]
+        jwt_key: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Serve the proxy and the admin endpoints.
     Run {
@@ -53,6 +84,11 @@ enum Command {
         /// Also print the token itself.
         #[arg(long)]
         show: bool,
+    },
+    /// Run one sandbox server alone (for docker compose): `auth` or `upstream`.
+    Sandbox {
+        #[command(subcommand)]
+        server: SandboxServer,
     },
     /// A built-in sandbox auth server and echo upstream with the proxy in front; Ctrl-C stops.
     Demo {
@@ -78,6 +114,7 @@ fn main() -> ExitCode {
             Command::Check { config } => check(&config),
             Command::Token { config, name, show } => token(&config, &name, show).await,
             Command::Demo { listen } => demo::run(listen).await.map_err(|e| e.to_string()),
+            Command::Sandbox { server } => sandbox(server).await,
         }
     });
     match result {
@@ -105,6 +142,48 @@ fn init_logging(format: LogFormat) {
 fn load(path: &Path) -> Result<Gateway, ConfigError> {
     let config = Config::load(path)?;
     Gateway::new(config, &path.display().to_string(), &ProcessEnv)
+}
+
+async fn sandbox(server: SandboxServer) -> Result<(), String> {
+    use tokengate::sandbox::{JwtKey, auth, upstream};
+    let key = |hex: &str| JwtKey::from_hex(hex).ok_or("--jwt-key must be 64 hex characters");
+    let bind = |addr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))
+    };
+    let handle = match server {
+        SandboxServer::Auth {
+            listen,
+            agent,
+            secret,
+            expires_in,
+            jwt_key,
+        } => {
+            let state = auth::AuthState::new(
+                vec![auth::Agent::new(&agent, &secret)],
+                key(&jwt_key)?,
+                expires_in,
+            );
+            state
+                .serve(bind(listen).await?)
+                .map_err(|e| e.to_string())?
+        }
+        SandboxServer::Upstream { listen, jwt_key } => {
+            let state = upstream::UpstreamState::new(key(&jwt_key)?);
+            state
+                .serve(bind(listen).await?)
+                .map_err(|e| e.to_string())?
+        }
+    };
+    tracing::info!(addr = %handle.addr(), "sandbox serving");
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("cannot watch signals: {e}"))?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    Ok(())
 }
 
 async fn run(path: &Path) -> Result<(), String> {

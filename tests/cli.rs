@@ -296,6 +296,80 @@ async fn sighup_applies_a_good_config_and_refuses_a_bad_one_naming_the_problem()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_subcommands_serve_a_gateway_as_in_docker_compose() {
+    let key = "6f0a4c1e9b2d7f3a5c8e1b4d7a0c3f6e9b2d5a8c1f4e7b0d3a6c9f2e5b8d1a4c";
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (auth, upstream, proxy) = (free_port(), free_port(), free_port());
+    let spawn = |args: Vec<String>| {
+        Command::new(BIN)
+            .args(args)
+            .env("SANDBOX_JWT_KEY", key)
+            .env("SANDBOX_AGENT_SECRET", SECRET)
+            .env("PARTNER_SECRET", SECRET)
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let _auth = spawn(vec![
+        "sandbox".into(),
+        "auth".into(),
+        "--listen".into(),
+        auth.to_string(),
+        "--agent".into(),
+        "integratorCli01".into(),
+    ]);
+    let _upstream = spawn(vec![
+        "sandbox".into(),
+        "upstream".into(),
+        "--listen".into(),
+        upstream.to_string(),
+    ]);
+    // The compose config, pointed at loopback ports.
+    let text = include_str!("../deploy/compose/proxy.toml")
+        .replace("0.0.0.0:8080", &proxy.to_string())
+        .replace("0.0.0.0:9901", "127.0.0.1:0")
+        .replace("http://auth:9000", &format!("http://{auth}"))
+        .replace("http://upstream:9100", &format!("http://{upstream}"))
+        .replace("integratorDemo01", "integratorCli01");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, text).unwrap();
+    let _proxy = spawn(vec![
+        "run".into(),
+        "--config".into(),
+        path.display().to_string(),
+    ]);
+
+    // An HTTP_PROXY client's absolute-form request for the routed host.
+    let request = "GET http://api.example.com/v1/x HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n";
+    let answer = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Ok(mut s) = tokio::net::TcpStream::connect(proxy).await {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut out = String::new();
+                if s.write_all(request.as_bytes()).await.is_ok()
+                    && s.read_to_string(&mut out).await.is_ok()
+                    && !out.is_empty()
+                {
+                    return out;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the gateway answers");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"authorization\":\"Bearer ey"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_prints_a_curl_line_that_returns_the_injected_bearer() {
     let mut child = Command::new(BIN)
         .args(["demo", "--listen", "127.0.0.1:0"])

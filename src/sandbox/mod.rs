@@ -64,6 +64,12 @@ impl JwtKey {
         Self(Arc::new(rand::random()))
     }
 
+    /// A key given as 64 hex characters (so separate sandbox processes can share one).
+    pub fn from_hex(hex_key: &str) -> Option<Self> {
+        let bytes: [u8; 32] = hex::decode(hex_key.trim()).ok()?.try_into().ok()?;
+        Some(Self(Arc::new(bytes)))
+    }
+
     fn mac(&self) -> Hmac<Sha256> {
         <Hmac<Sha256> as Mac>::new_from_slice(self.0.as_slice()).expect("any key length")
     }
