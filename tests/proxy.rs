@@ -1442,6 +1442,97 @@ async fn requests_no_route_matches_are_counted_under_route_none() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_clients_curl_python_requests_and_http_1_0_reach_the_routed_host_only() {
+    let h = Harness::with(Setup {
+        route_extra: "host = \"api.example.com\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    let proxy = format!("http://{}", h.proxy);
+    let run = |program: &'static str, args: Vec<String>| async move {
+        let out = tokio::process::Command::new(program)
+            .args(&args)
+            .output()
+            .await
+            .unwrap_or_else(|e| {
+                panic!("{program} is needed by this test (.ci/run installs it): {e}")
+            });
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+
+    // curl -x: the token goes out; the client's plain-http URL names the routed host.
+    let (ok, body) = run(
+        "curl",
+        vec![
+            "-sS".into(),
+            "-x".into(),
+            proxy.clone(),
+            "http://api.example.com/v1/curl".into(),
+        ],
+    )
+    .await;
+    assert!(ok, "{body}");
+    assert!(
+        json(&Bytes::from(body.clone()))["headers"]["authorization"]
+            .as_str()
+            .unwrap()
+            .starts_with("Bearer ")
+    );
+    // A host no route covers: 403 no_route; never an open proxy.
+    let (_, status) = run(
+        "curl",
+        vec![
+            "-s".into(),
+            "-o".into(),
+            "/dev/null".into(),
+            "-w".into(),
+            "%{http_code}".into(),
+            "-x".into(),
+            proxy.clone(),
+            "http://elsewhere.example/".into(),
+        ],
+    )
+    .await;
+    assert_eq!(status, "403");
+
+    // Python requests with HTTP_PROXY set, as a legacy app would run.
+    let script = "import os, requests; r = requests.get('http://api.example.com/v1/python'); print(r.status_code, r.json()['path'], r.json()['headers']['authorization'][:9])";
+    let out = tokio::process::Command::new("python3")
+        .args(["-c", script])
+        .env("HTTP_PROXY", &proxy)
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .output()
+        .await
+        .expect("python3 is needed by this test");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.trim(),
+        "200 /v1/python Bearer ey",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // An HTTP/1.0 client: absolute form, no Host header.
+    let (status, head) = raw_request(
+        h.proxy,
+        "GET http://api.example.com/v1/old HTTP/1.0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{head}");
+    assert!(head.starts_with("http/1.0 200"), "{head}");
+    assert!(head.contains("bearer ey"), "{head}");
+    assert_eq!(
+        h.upstream.requests(),
+        3,
+        "curl, python and HTTP/1.0 reached the upstream; the 403 did not"
+    );
+}
+
 /// Sends raw HTTP/1.1 bytes and returns the status and the head as text.
 async fn raw_request(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
