@@ -430,11 +430,7 @@ async fn a_slow_auth_server_gives_503_at_the_exchange_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_upstream_gives_504_at_request_timeout() {
-    let h = Harness::with(Setup {
-        server_extra: "request_timeout = \"300ms\"".into(),
-        ..Setup::default()
-    })
-    .await;
+    let h = Harness::with_server("request_timeout = \"300ms\"").await;
     let (status, headers, body) = send(&client(), get(&h.url("/slow/2000"))).await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body:?}");
     assert_eq!(headers["x-tokengate-error"], "upstream_timeout");
@@ -476,11 +472,7 @@ async fn an_upstream_that_never_completes_a_connect_gives_504_at_connect_timeout
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_keep_alive_connection_is_closed_at_header_read_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let h = Harness::with(Setup {
-        server_extra: "header_read_timeout = \"500ms\"".into(),
-        ..Setup::default()
-    })
-    .await;
+    let h = Harness::with_server("header_read_timeout = \"500ms\"").await;
     let mut stream = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
     stream
         .write_all(b"GET /bytes/10 HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -508,11 +500,7 @@ async fn an_idle_keep_alive_connection_is_closed_at_header_read_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_max_connections_wait_until_one_closes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let h = Harness::with(Setup {
-        server_extra: "max_connections = 1".into(),
-        ..Setup::default()
-    })
-    .await;
+    let h = Harness::with_server("max_connections = 1").await;
     let request = b"GET /bytes/1 HTTP/1.1\r\nHost: a\r\n\r\n";
     let mut first = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
     first.write_all(request).await.unwrap();
@@ -588,11 +576,7 @@ async fn http2_clients_are_told_the_stream_window_and_header_limits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slowloris_client_is_disconnected_at_header_read_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let h = Harness::with(Setup {
-        server_extra: "header_read_timeout = \"500ms\"".into(),
-        ..Setup::default()
-    })
-    .await;
+    let h = Harness::with_server("header_read_timeout = \"500ms\"").await;
     let mut stream = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
     stream
         .write_all(b"GET /x HTTP/1.1\r\nHost: a\r\nX-Slow: ")
@@ -611,11 +595,7 @@ async fn a_slowloris_client_is_disconnected_at_header_read_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_over_max_request_body_get_413_declared_ones_before_any_exchange() {
-    let h = Harness::with(Setup {
-        server_extra: "max_request_body = 100000".into(),
-        ..Setup::default()
-    })
-    .await;
+    let h = Harness::with_server("max_request_body = 100000").await;
     let client = client();
     // Only the head is sent: the declared length alone gets the 413. (The proxy answers without
     // reading a body and closes; body bytes still in flight could turn that close into a reset
@@ -666,11 +646,7 @@ async fn bodies_over_max_request_body_get_413_declared_ones_before_any_exchange(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_client_body_gets_408() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let h = Harness::with(Setup {
-        server_extra: "body_idle_timeout = \"300ms\"".into(),
-        ..Setup::default()
-    })
-    .await;
+    let h = Harness::with_server("body_idle_timeout = \"300ms\"").await;
     for (framing, start) in [
         ("content-length: 100", "0123456789".to_owned()),
         (
@@ -715,11 +691,7 @@ async fn oversized_or_too_many_headers_get_431() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_past_max_concurrent_requests_are_shed_with_503() {
-    let h = Harness::with(Setup {
-        server_extra: "max_concurrent_requests = 2".into(),
-        ..Setup::default()
-    })
-    .await;
+    let h = Harness::with_server("max_concurrent_requests = 2").await;
     let client = client();
     let mut slow = Vec::new();
     for _ in 0..2 {
@@ -797,11 +769,7 @@ async fn smuggling_attempts_never_reach_the_upstream_as_a_second_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_allowed_clients_holding_the_shared_key_get_through() {
-    let outsider = Harness::with(Setup {
-        server_extra: "allowed_clients = [\"10.0.0.0/8\", \"::1/128\"]".into(),
-        ..Setup::default()
-    })
-    .await;
+    let outsider = Harness::with_server("allowed_clients = [\"10.0.0.0/8\", \"::1/128\"]").await;
     let (status, headers, _) = send(&client(), get(&outsider.url("/x"))).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert_eq!(headers["x-tokengate-error"], "forbidden");

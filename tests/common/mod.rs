@@ -85,6 +85,15 @@ impl Harness {
         Self::with(Setup::default()).await
     }
 
+    /// The default setup with extra `[server]` lines.
+    pub async fn with_server(server_extra: &str) -> Self {
+        Self::with(Setup {
+            server_extra: server_extra.into(),
+            ..Setup::default()
+        })
+        .await
+    }
+
     pub async fn with(setup: Setup) -> Self {
         let mut agent = Agent::new(AGENT, SECRET);
         agent.signature = setup.agent_signature;
