@@ -1,8 +1,10 @@
 //! Hop-by-hop headers (RFC 9110 §7.6.1): removed in both directions, with every header the
 //! `Connection` header names; and the framing check that refuses ambiguous request bodies.
 
-use http::HeaderMap;
 use http::header::{self, HeaderName};
+use http::{HeaderMap, Request};
+
+use crate::framing::ConflictingFraming;
 
 /// The hop-by-hop headers every proxy removes, whatever `Connection` says.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -16,16 +18,19 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
-/// Refuses a `Transfer-Encoding` other than a single `chunked`, as Envoy does.
+/// Refuses ambiguous request framing, as nginx and Envoy do.
 ///
 /// hyper's parser already answers 400 to differing `Content-Length` values and to a request
 /// whose last transfer coding is not `chunked`. Given `Content-Length` together with
-/// `Transfer-Encoding`, it follows RFC 9112 §6.3: it reads the body as chunked, drops
-/// `Content-Length`, and closes the connection after the response, so nothing after the body is
-/// ever read as a second request. This check refuses what remains, codings stacked before
-/// `chunked` (`gzip, chunked`), which an upstream might decode differently.
-pub fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
-    let mut te = headers.get_all(header::TRANSFER_ENCODING).iter();
+/// `Transfer-Encoding`, it reads the body as chunked, drops `Content-Length` and closes the
+/// connection after the response (RFC 9112 §6.3); the [`crate::framing`] watch marks such a
+/// request and it is refused here. This check also refuses codings stacked before `chunked`
+/// (`gzip, chunked`), which an upstream might decode differently.
+pub fn check_framing<B>(req: &Request<B>) -> Result<(), &'static str> {
+    if req.extensions().get::<ConflictingFraming>().is_some() {
+        return Err("Content-Length together with Transfer-Encoding");
+    }
+    let mut te = req.headers().get_all(header::TRANSFER_ENCODING).iter();
     match (te.next(), te.next()) {
         (None, _) => Ok(()),
         (Some(value), None) if value.as_bytes().eq_ignore_ascii_case(b"chunked") => Ok(()),
@@ -56,11 +61,12 @@ mod tests {
     #[test]
     fn framing_check_refuses_ambiguous_bodies() {
         let headers = |pairs: &[(&str, &str)]| {
-            let mut h = HeaderMap::new();
+            let mut req = Request::new(());
             for (k, v) in pairs {
-                h.append(HeaderName::try_from(*k).unwrap(), v.parse().unwrap());
+                let name = HeaderName::try_from(*k).unwrap();
+                req.headers_mut().append(name, v.parse().unwrap());
             }
-            h
+            req
         };
         assert!(check_framing(&headers(&[("content-length", "5")])).is_ok());
         assert!(check_framing(&headers(&[("transfer-encoding", "Chunked")])).is_ok());
@@ -74,6 +80,9 @@ mod tests {
         ] {
             assert!(check_framing(&headers(bad)).is_err(), "{bad:?}");
         }
+        let mut marked = headers(&[("transfer-encoding", "chunked")]);
+        marked.extensions_mut().insert(ConflictingFraming);
+        assert!(check_framing(&marked).is_err());
     }
 
     #[test]

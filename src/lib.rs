@@ -19,7 +19,8 @@
 //!   token cache ([`auth::cache`]).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, the credentials API; [`metrics`]: the
 //!   Prometheus registry and the recording middleware.
-//! - [`tls`]: outbound roots and inbound certificates; [`hop`]: hop-by-hop headers, framing.
+//! - [`tls`]: outbound roots and inbound certificates; [`hop`]: hop-by-hop headers, framing;
+//!   [`framing`]: the watch on the client's bytes that finds `Content-Length` + `Transfer-Encoding`.
 //! - [`sandbox`]: a real auth server and upstream for the demo and the tests; [`demo`].
 
 pub mod access;
@@ -29,6 +30,7 @@ pub mod body;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod framing;
 pub mod gateway;
 pub mod hop;
 pub mod metrics;

@@ -16,12 +16,13 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
-use tower::Service;
+use tower::{Service, ServiceExt};
 use tower_http::add_extension::AddExtension;
 
 use crate::access::ClientAddr;
 use crate::config::ServerConfig;
 use crate::error::BoxError;
+use crate::framing::{Verdicts, Watched};
 use crate::gateway::Gateway;
 use crate::{admin, stack, tls};
 
@@ -214,15 +215,23 @@ pub async fn serve<S, B>(
             _ = stop.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let service =
-            TowerToHyperService::new(AddExtension::new(service.clone(), ClientAddr(peer)));
+        // The framing watch reads the client's bytes; its verdicts mark the requests hyper parses.
+        let verdicts = Arc::new(Verdicts::default());
+        let marking = verdicts.clone();
+        let service = service
+            .clone()
+            .map_request(move |mut req: Request<Incoming>| {
+                marking.mark(&mut req);
+                req
+            });
+        let service = TowerToHyperService::new(AddExtension::new(service, ClientAddr(peer)));
         let (http, watcher, tls) = (http.clone(), graceful.watcher(), limits.tls.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let served = match tls {
                 None => {
                     watcher
-                        .watch(http.serve_connection(TokioIo::new(stream), service))
+                        .watch(http.serve_connection(io(stream, verdicts), service))
                         .await
                 }
                 Some(tls) => {
@@ -231,7 +240,7 @@ pub async fn serve<S, B>(
                     {
                         Ok(Ok(stream)) => {
                             watcher
-                                .watch(http.serve_connection(TokioIo::new(stream), service))
+                                .watch(http.serve_connection(io(stream, verdicts), service))
                                 .await
                         }
                         Ok(Err(error)) => {
@@ -255,4 +264,9 @@ pub async fn serve<S, B>(
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(limits.shutdown_grace) => tracing::warn!("shutdown grace over; closing connections"),
     }
+}
+
+/// A client connection as hyper reads it: through the framing watch.
+fn io<IO>(stream: IO, verdicts: Arc<Verdicts>) -> TokioIo<Watched<IO>> {
+    TokioIo::new(Watched::new(stream, verdicts))
 }

@@ -718,21 +718,41 @@ async fn smuggling_attempts_never_reach_the_upstream_as_a_second_request() {
     let h = Harness::start().await;
     let smuggled = "GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
 
-    // CL.TE: a front end honouring Content-Length would forward the smuggled request. hyper reads
-    // the body as chunked (RFC 9112 §6.3) and closes the connection after answering, so the
-    // bytes after the empty chunked body are never read as a request.
-    let cl_te = format!(
-        "POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}",
-        5 + smuggled.len()
-    );
-    let (_, head) = raw_request(h.proxy, &cl_te).await;
-    assert!(head.contains("connection: close"), "{head}");
-    let log = h.upstream.log();
-    assert_eq!(log.len(), 1, "only the outer request: {log:?}");
-    assert_eq!(log[0].target, "POST /a");
-    assert!(
-        log[0].body.is_empty(),
-        "the smuggled bytes were not forwarded as a body"
+    // On a keep-alive connection that has carried bodies of both framings, so that the proxy
+    // must follow each body to find the next head: a request that carries Content-Length
+    // together with Transfer-Encoding (in either order) gets 400 and closes the connection.
+    let len = 5 + smuggled.len();
+    let clean = "POST /fixed HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello\
+                 POST /chunked HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+                 3;x=y\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n";
+    for conflict in [
+        format!("Content-Length: {len}\r\nTransfer-Encoding: chunked"),
+        format!("Transfer-Encoding: chunked\r\nContent-Length: {len}"),
+    ] {
+        let wire =
+            format!("{clean}POST /a HTTP/1.1\r\nHost: a\r\n{conflict}\r\n\r\n0\r\n\r\n{smuggled}");
+        let (_, answers) = raw_request(h.proxy, &wire).await;
+        let statuses: Vec<&str> = answers
+            .split("http/1.1 ")
+            .skip(1)
+            .map(|a| &a[..3])
+            .collect();
+        assert_eq!(statuses, ["200", "200", "400"], "{answers}");
+        assert!(
+            answers.contains("x-tokengate-error: bad_request"),
+            "{answers}"
+        );
+    }
+    let targets: Vec<String> = h.upstream.log().into_iter().map(|s| s.target).collect();
+    assert_eq!(
+        targets,
+        [
+            "POST /fixed",
+            "POST /chunked",
+            "POST /fixed",
+            "POST /chunked"
+        ],
+        "the conflicting request, and what it tried to smuggle, never reached the upstream"
     );
 
     let attempts = [
@@ -764,7 +784,7 @@ async fn smuggling_attempts_never_reach_the_upstream_as_a_second_request() {
         targets.iter().all(|t| !t.contains("smuggled")),
         "a smuggled request reached the upstream: {targets:?}"
     );
-    assert_eq!(h.upstream.requests(), 1, "only POST /a: {targets:?}");
+    assert_eq!(h.upstream.requests(), 4, "only the clean ones: {targets:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
