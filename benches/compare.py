@@ -1,0 +1,461 @@
+#!/usr/bin/env python3
+"""tokengate against nginx at the same job, in one run. Start it with `benches/compare.sh`.
+
+The job on both sides: accept HTTP/1.1 keep-alive, add `Authorization: Bearer ...`, forward over
+a pooled keep-alive connection to the same nginx upstream, which answers only requests carrying a
+Bearer token. Each proxy runs on CPU 1; the load generators and the upstream share CPU 0.
+
+Rounds alternate direct / tokengate / nginx so that drift on this shared machine hits all three
+alike; medians of the rounds are reported, with the spread (max-min over median). Results go to
+target/compare/results.json and a chart to docs/bench-chart.svg; the Markdown tables are printed.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "target" / "compare"
+BIN = ROOT / "target" / "release" / "tokengate"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+UPSTREAM, UPSTREAM_H2, NGINX, NGINX_H2, TOKENGATE, ADMIN, AUTH = (
+    18081, 18085, 18082, 18084, 18083, 18093, 18090)
+AGENT, SECRET = "benchAgent01", "bench-secret-4f9Kq2"
+JWT_KEY = "11" * 32
+SIZES = {"0b": 0, "1k": 1024, "16k": 16 * 1024, "1m": 1024 * 1024}
+CONNECTIONS = 64  # closed- and open-loop client connections
+
+
+def sh(*args, **kw):
+    return subprocess.run(args, check=True, capture_output=True, text=True, **kw).stdout
+
+
+def pinned(cpu, *args):
+    return ["taskset", "-c", str(cpu), *args]
+
+
+# --- processes ------------------------------------------------------------------------------
+
+class Proc:
+    """A server process; `pid` is the one whose CPU and memory are measured."""
+
+    def __init__(self, name, argv, env=None, measured_child=False):
+        self.name = name
+        log = open(WORK / f"{name}.log", "w")
+        self.popen = subprocess.Popen(argv, stdout=log, stderr=log, env={**os.environ, **(env or {})})
+        self.measured_child = measured_child
+
+    @property
+    def pid(self):
+        if not self.measured_child:
+            return self.popen.pid
+        # nginx: the single worker, not the master.
+        return int(sh("pgrep", "-P", str(self.popen.pid)).split()[0])
+
+    def cpu_seconds(self):
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+    def rss_mb(self):
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self):
+        self.popen.send_signal(signal.SIGTERM if self.name != "nginx" else signal.SIGQUIT)
+        try:
+            self.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+
+
+def wait_port(port, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
+            return
+        except urllib.error.HTTPError:
+            return  # answering
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"port {port} did not come up")
+
+
+def nginx_conf(name, body):
+    conf = WORK / f"{name}.conf"
+    conf.write_text(f"""
+worker_processes 1;
+worker_rlimit_nofile 40000;
+daemon off;
+master_process on;
+pid {WORK}/{name}.pid;
+error_log {WORK}/{name}.error.log warn;
+events {{ worker_connections 30000; }}
+http {{
+    access_log off;
+    keepalive_requests 10000000;
+    keepalive_timeout 120s;
+    client_body_temp_path {WORK}/{name}-body;
+    proxy_temp_path {WORK}/{name}-proxy;
+    fastcgi_temp_path {WORK}/{name}-fcgi;
+    uwsgi_temp_path {WORK}/{name}-uwsgi;
+    scgi_temp_path {WORK}/{name}-scgi;
+{body}
+}}
+""")
+    return conf
+
+
+def start_upstream():
+    www = WORK / "www"
+    www.mkdir(exist_ok=True)
+    for name, size in SIZES.items():
+        (www / name).write_bytes(b"x" * size)
+    conf = nginx_conf("upstream", f"""
+    server {{
+        listen 127.0.0.1:{UPSTREAM};
+        listen 127.0.0.1:{UPSTREAM_H2} http2;
+        root {www};
+        location / {{
+            if ($http_authorization !~ "^Bearer .") {{ return 401; }}
+        }}
+    }}""")
+    return Proc("upstream", pinned(0, "nginx", "-c", str(conf)), measured_child=True)
+
+
+def start_nginx_proxy(token):
+    conf = nginx_conf("nginx", f"""
+    upstream up {{ server 127.0.0.1:{UPSTREAM}; keepalive 256; keepalive_requests 10000000; }}
+    server {{
+        listen 127.0.0.1:{NGINX};
+        listen 127.0.0.1:{NGINX_H2} http2;
+        location / {{
+            proxy_pass http://up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "Bearer {token}";
+            proxy_buffering off;
+        }}
+    }}""")
+    return Proc("nginx", pinned(1, "nginx", "-c", str(conf)), measured_child=True)
+
+
+def start_tokengate(wrapper=()):
+    conf = WORK / "proxy.toml"
+    conf.write_text(f"""
+[server]
+listen = "127.0.0.1:{TOKENGATE}"
+max_connections = 20000
+[admin]
+listen = "127.0.0.1:{ADMIN}"
+[credentials.bench]
+auth_url = "http://127.0.0.1:{AUTH}/v2/auth"
+agent_id = "{AGENT}"
+secret = {{ env = "BENCH_SECRET" }}
+[[routes]]
+upstream = "http://127.0.0.1:{UPSTREAM}"
+credential = "bench"
+""")
+    env = {"BENCH_SECRET": SECRET, "RUST_LOG": "warn"}  # no access log, as nginx's is off
+    p = Proc("tokengate", pinned(1, *wrapper, str(BIN), "run", "--config", str(conf)), env=env)
+    wait_port(TOKENGATE, timeout=120)
+    return p
+
+
+def metric(name):
+    text = urllib.request.urlopen(f"http://127.0.0.1:{ADMIN}/metrics", timeout=5).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+# --- load -----------------------------------------------------------------------------------
+
+def wrk(port, path, seconds, headers, connections=CONNECTIONS):
+    out = sh(*pinned(0, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", *headers,
+                     f"http://127.0.0.1:{port}/{path}"))
+    n = int(re.search(r"(\d+) requests in", out).group(1))
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors or "Socket errors" in out:
+        raise SystemExit(f"wrk saw errors against :{port}:\n{out}")
+    return n, rps
+
+
+def oha(port, path, seconds, headers, rate):
+    out = sh(*pinned(0, "oha", "--no-tui", "--output-format", "json", "-z", f"{seconds}s",
+                     "-c", str(CONNECTIONS), "-q", str(int(rate)), "--latency-correction", *headers,
+                     f"http://127.0.0.1:{port}/{path}"))
+    data = json.loads(out)
+    codes = data.get("statusCodeDistribution", {})
+    if set(codes) - {"200"}:
+        raise SystemExit(f"oha saw statuses {codes} against :{port}")
+    pct = data["latencyPercentiles"]
+    n = sum(codes.values())
+    return n, {k: pct[k] * 1e6 for k in ("p50", "p99", "p99.9")}  # microseconds
+
+
+def h2load(port, path, seconds, headers):
+    out = sh(*pinned(0, "h2load", "-D", str(seconds), "-c", "16", "-m", "16", "-t", "1", *headers,
+                     f"http://127.0.0.1:{port}/{path}"))
+    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+    ok = int(re.search(r"(\d+) 2xx", out).group(1))
+    if re.search(r"(\d+) failed", out).group(1) != "0":
+        raise SystemExit(f"h2load saw failures against :{port}:\n{out}")
+    return ok, rps
+
+
+def measured(proc, run):
+    """Runs `run()` -> (requests, result); adds the proxy's CPU µs per request (None direct)."""
+    before = proc.cpu_seconds() if proc else 0.0
+    n, result = run()
+    cpu = (proc.cpu_seconds() - before) * 1e6 / n if proc else None
+    return result, cpu
+
+
+async def hold_idle(port, count):
+    """Opens `count` keep-alive connections, one request each, and holds them open."""
+    conns = []
+    sem = asyncio.Semaphore(256)
+
+    async def one():
+        async with sem:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"GET /0b HTTP/1.1\r\nHost: bench\r\n\r\n")
+            await w.drain()
+            head = await r.readuntil(b"\r\n\r\n")
+            if b" 200 " not in head.split(b"\r\n", 1)[0]:
+                raise SystemExit(f"idle connection got {head[:40]!r}")
+            conns.append(w)
+
+    await asyncio.gather(*(one() for _ in range(count)))
+    return conns
+
+
+def idle_rss(proc, port, count):
+    before = proc.rss_mb()
+
+    async def run():
+        conns = await hold_idle(port, count)
+        await asyncio.sleep(2)
+        after = proc.rss_mb()
+        for w in conns:
+            w.close()
+        return after
+
+    after = asyncio.run(run())
+    return before, after
+
+
+async def cold_burst(port, count):
+    async def one():
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"GET /0b HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        await w.drain()
+        status = (await r.readline()).split()[1]
+        w.close()
+        return status
+
+    return await asyncio.gather(*(one() for _ in range(count)))
+
+
+# --- report ---------------------------------------------------------------------------------
+
+def med(xs):
+    return statistics.median(xs)
+
+
+def spread(xs):
+    m = med(xs)
+    return (max(xs) - min(xs)) / m if m else 0.0
+
+
+def chart(results, path):
+    """A two-panel SVG bar chart: saturation requests/s, and added p99 at the fixed rate."""
+    names = ["direct", "tokengate", "nginx"]
+    colors = {"direct": "#999999", "tokengate": "#2f7ed8", "nginx": "#4caf50"}
+    panels = [("Saturation, requests/s (1 KiB)", {n: results["rps"][n] for n in names}),
+              ("p99 latency at 50% of nginx's saturation, µs", {n: results["p99"][n] for n in names})]
+    w, h, pad = 360, 260, 40
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * w}" height="{h}" '
+           'font-family="sans-serif" font-size="12">']
+    for i, (title, values) in enumerate(panels):
+        x0 = i * w
+        top = max(values.values()) or 1
+        out.append(f'<text x="{x0 + w / 2}" y="18" text-anchor="middle" font-weight="bold">{title}</text>')
+        bw = (w - 2 * pad) / len(names)
+        for j, n in enumerate(names):
+            bh = (h - 2 * pad - 10) * values[n] / top
+            x, y = x0 + pad + j * bw + 8, h - pad - bh
+            out.append(f'<rect x="{x:.0f}" y="{y:.0f}" width="{bw - 16:.0f}" height="{bh:.0f}" fill="{colors[n]}"/>')
+            out.append(f'<text x="{x + (bw - 16) / 2:.0f}" y="{y - 4:.0f}" text-anchor="middle">{values[n]:,.0f}</text>')
+            out.append(f'<text x="{x + (bw - 16) / 2:.0f}" y="{h - pad + 16}" text-anchor="middle">{n}</text>')
+    out.append("</svg>")
+    path.write_text("\n".join(out) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=10, help="length of each measurement")
+    ap.add_argument("--idle", type=int, default=10_000, help="idle keep-alive connections")
+    ap.add_argument("--cold", type=int, default=1_000, help="concurrent cold requests")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead: count tokengate's instructions per request under callgrind")
+    args = ap.parse_args()
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    procs = []
+    try:
+        procs.append(start_upstream())
+        procs.append(Proc("auth", pinned(0, str(BIN), "sandbox", "auth", "--listen", f"127.0.0.1:{AUTH}",
+                                         "--agent", AGENT),
+                          env={"SANDBOX_AGENT_SECRET": SECRET, "SANDBOX_JWT_KEY": JWT_KEY}))
+        wait_port(UPSTREAM)
+        time.sleep(0.5)
+        if args.profile:
+            return profile(procs, args.seconds)
+
+        # Exactly one exchange for a burst of concurrent cold requests.
+        tg = start_tokengate()
+        procs.append(tg)
+        statuses = asyncio.run(cold_burst(TOKENGATE, args.cold))
+        exchanges = metric("tokengate_token_exchanges_total")
+        cold = {"requests": args.cold, "ok": statuses.count(b"200"), "exchanges": exchanges}
+        print(f"cold burst: {cold}", flush=True)
+
+        token = re.search(r"token\s+(\S+)", sh(str(BIN), "token", "--config", str(WORK / "proxy.toml"),
+                                               "bench", "--show", env={**os.environ, "BENCH_SECRET": SECRET})).group(1)
+        ng = start_nginx_proxy(token)
+        procs.append(ng)
+        wait_port(NGINX)
+        # name -> (HTTP/1 port, h2c port, measured process, headers the client sends itself)
+        bearer = ["-H", f"Authorization: Bearer {token}"]
+        targets = {"direct": (UPSTREAM, UPSTREAM_H2, None, bearer),
+                   "tokengate": (TOKENGATE, TOKENGATE, tg, []),
+                   "nginx": (NGINX, NGINX_H2, ng, [])}
+
+        def sat(name, path, seconds, connections=CONNECTIONS):
+            port, _, proc, headers = targets[name]
+            return measured(proc, lambda: wrk(port, path, seconds, headers, connections))
+
+        def lat(name, rate):
+            port, _, proc, headers = targets[name]
+            return measured(proc, lambda: oha(port, "1k", args.seconds, headers, rate))[0]
+
+        def h2(name):
+            _, port, proc, headers = targets[name]
+            return measured(proc, lambda: h2load(port, "1k", args.seconds, headers))
+
+        for name in targets:  # warm up pools and caches
+            sat(name, "1k", 2)
+
+        rounds = []
+        for r in range(args.rounds):
+            row = {"rps": {}, "cpu_us": {}, "lat": {}}
+            for name in targets:
+                row["rps"][name], row["cpu_us"][name] = sat(name, "1k", args.seconds)
+            row["rate"] = rate = row["rps"]["nginx"] / 2
+            for name in targets:
+                row["lat"][name] = lat(name, rate)
+            rounds.append(row)
+            print(f"round {r + 1}: {json.dumps(row)}", flush=True)
+
+        res = {"rps": {}, "cpu_us": {}, "p50": {}, "p99": {}, "p99.9": {}, "added": {}, "spread": {}}
+        for name in targets:
+            res["rps"][name] = med([x["rps"][name] for x in rounds])
+            res["spread"][f"rps_{name}"] = spread([x["rps"][name] for x in rounds])
+            for p in ("p50", "p99", "p99.9"):
+                res[p][name] = med([x["lat"][name][p] for x in rounds])
+        for name in ("tokengate", "nginx"):
+            res["cpu_us"][name] = med([x["cpu_us"][name] for x in rounds])
+            res["spread"][f"cpu_{name}"] = spread([x["cpu_us"][name] for x in rounds])
+            added = {p: [x["lat"][name][p] - x["lat"]["direct"][p] for x in rounds]
+                     for p in ("p50", "p99", "p99.9")}
+            res["added"][name] = {p: med(v) for p, v in added.items()}
+            res["spread"][f"added_p99_{name}"] = spread(added["p99"])
+
+        # One run each of the other cases: saturation and CPU per request.
+        cases = {}
+        for case, path, conns in (("0 B", "0b", CONNECTIONS), ("16 KiB", "16k", CONNECTIONS),
+                                  ("1 MiB streamed", "1m", 8)):
+            cases[case] = {name: sat(name, path, args.seconds, conns) for name in targets}
+            print(f"{case}: {cases[case]}", flush=True)
+        cases["1 KiB, HTTP/2 clients (h2load)"] = {name: h2(name) for name in targets}
+
+        res["rss_mb"] = {name: proc.rss_mb() for name, (_, _, proc, _) in targets.items() if proc}
+        idle = {name: idle_rss(proc, port, args.idle) for name, (port, _, proc, _) in targets.items() if proc}
+        nginx_version = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
+        results = {"rounds": rounds, "summary": res, "cases": cases, "idle_rss_mb": idle, "cold": cold,
+                   "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release, "nginx": nginx_version}}
+        (WORK / "results.json").write_text(json.dumps(results, indent=2))
+        chart(res, ROOT / "docs" / "bench-chart.svg")
+        report(results)
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+def profile(procs, seconds):
+    """tokengate under callgrind, collecting only during a warm, steady 1 KiB load: prints
+    instructions per request and the top functions (inclusive)."""
+    out = WORK / "callgrind.out"
+    tg = start_tokengate(("valgrind", "--tool=callgrind", "--collect-atstart=no",
+                          f"--callgrind-out-file={out}"))
+    procs.append(tg)
+    wrk(TOKENGATE, "1k", 5, [], 4)  # warm: token, pool, allocator
+    sh("callgrind_control", "-i", "on", str(tg.popen.pid))
+    n, _ = wrk(TOKENGATE, "1k", seconds, [], 4)
+    sh("callgrind_control", "-i", "off", str(tg.popen.pid))
+    tg.stop()
+    procs.remove(tg)
+    annotated = sh("callgrind_annotate", "--inclusive=yes", str(out))
+    total = int(re.search(r"([\d,]+)\s+\(100\.0%\)\s+PROGRAM TOTALS", annotated).group(1).replace(",", ""))
+    print(f"{n} requests, {total / n:,.0f} instructions per request\n")
+    print("\n".join(annotated.splitlines()[:60]))
+
+
+def report(results):
+    res = results["summary"]
+    print("\n## 1 KiB, HTTP/1.1 keep-alive (medians of the rounds)\n")
+    print("| | direct | tokengate | nginx | tokengate / nginx |")
+    print("|---|---|---|---|---|")
+    print(f"| saturation req/s | {res['rps']['direct']:,.0f} | {res['rps']['tokengate']:,.0f} | "
+          f"{res['rps']['nginx']:,.0f} | {res['rps']['tokengate'] / res['rps']['nginx']:.2f} |")
+    print(f"| proxy CPU µs/request | | {res['cpu_us']['tokengate']:.1f} | {res['cpu_us']['nginx']:.1f} | "
+          f"{res['cpu_us']['tokengate'] / res['cpu_us']['nginx']:.2f} |")
+    for p in ("p50", "p99", "p99.9"):
+        t, n = res["added"]["tokengate"][p], res["added"]["nginx"][p]
+        print(f"| added {p} µs (at {results['rounds'][0]['rate']:,.0f} req/s) | ({res[p]['direct']:,.0f} total) | "
+              f"{t:,.0f} | {n:,.0f} | {t / n if n else float('nan'):.2f} |")
+    print(f"| RSS MB after the runs | | {res['rss_mb']['tokengate']:.1f} | {res['rss_mb']['nginx']:.1f} | |")
+    print("\nspread (max-min)/median over the rounds: " +
+          ", ".join(f"{k} {v:.1%}" for k, v in res["spread"].items()))
+    print("\n## Other cases (one run each): saturation req/s, proxy CPU µs/request\n")
+    print("| case | direct | tokengate | nginx | req/s ratio | CPU ratio |")
+    print("|---|---|---|---|---|---|")
+    for case, row in results["cases"].items():
+        (d, _), (t, tc), (n, nc) = row["direct"], row["tokengate"], row["nginx"]
+        print(f"| {case} | {d:,.0f} | {t:,.0f} ({tc:.1f} µs) | {n:,.0f} ({nc:.1f} µs) | {t / n:.2f} | {tc / nc:.2f} |")
+    print("\n## Idle keep-alive connections: RSS MB before -> after\n")
+    for name, (before, after) in results["idle_rss_mb"].items():
+        print(f"- {name}: {before:.1f} -> {after:.1f} (+{after - before:.1f} MB)")
+    print(f"\n## Cold burst\n\n{results['cold']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
