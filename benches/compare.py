@@ -316,7 +316,8 @@ def main():
                     help="instead: count tokengate's instructions per request under callgrind")
     args = ap.parse_args()
 
-    resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     procs = []
@@ -414,16 +415,16 @@ def profile(procs, seconds):
     """tokengate under callgrind, collecting only during a warm, steady 1 KiB load: prints
     instructions per request and the top functions (inclusive)."""
     out = WORK / "callgrind.out"
-    tg = start_tokengate(("valgrind", "--tool=callgrind", "--collect-atstart=no",
-                          f"--callgrind-out-file={out}"))
+    tg = start_tokengate(("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"))
     procs.append(tg)
     wrk(TOKENGATE, "1k", 5, [], 4)  # warm: token, pool, allocator
-    sh("callgrind_control", "-i", "on", str(tg.popen.pid))
+    sh("callgrind_control", "-z", str(tg.popen.pid))
     n, _ = wrk(TOKENGATE, "1k", seconds, [], 4)
-    sh("callgrind_control", "-i", "off", str(tg.popen.pid))
+    sh("callgrind_control", "-d", str(tg.popen.pid))
     tg.stop()
     procs.remove(tg)
-    annotated = sh("callgrind_annotate", "--inclusive=yes", str(out))
+    dumps = sorted(WORK.glob("callgrind.out.*"), key=lambda p: p.stat().st_mtime)
+    annotated = sh("callgrind_annotate", "--inclusive=yes", str(dumps[-1]))
     total = int(re.search(r"([\d,]+)\s+\(100\.0%\)\s+PROGRAM TOTALS", annotated).group(1).replace(",", ""))
     print(f"{n} requests, {total / n:,.0f} instructions per request\n")
     print("\n".join(annotated.splitlines()[:60]))

@@ -40,18 +40,28 @@ pub fn check_framing<B>(req: &Request<B>) -> Result<(), &'static str> {
 
 /// Removes hop-by-hop headers, those named in `Connection` (any case) and `Transfer-Encoding`
 /// (framing is the proxy's own on each side).
+///
+/// One pass over the names finds what is there, so a message without any (most requests) costs
+/// no removal; headers named in `Connection` can only be present with `Connection` itself.
 pub fn strip(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+    let mut doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|&name| HOP_BY_HOP.contains(name) || name == header::TRANSFER_ENCODING)
+        .cloned()
+        .collect();
+    if doomed.is_empty() {
+        return;
+    }
+    let named = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|token| HeaderName::try_from(token.trim()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        .filter_map(|token| HeaderName::try_from(token.trim()).ok());
+    doomed.extend(named);
+    for name in &doomed {
         headers.remove(name);
     }
-    headers.remove(header::TRANSFER_ENCODING);
 }
 
 #[cfg(test)]

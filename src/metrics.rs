@@ -225,13 +225,18 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let slot = RouteSlot::default();
         req.extensions_mut().insert(slot.clone());
-        let host = match req.uri().authority() {
-            Some(a) => Some(a.as_str().to_owned()),
-            None => req
-                .headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned),
+        // The host is kept only for the access log, and only when that is on.
+        let host = if tracing::enabled!(target: "tokengate::access", tracing::Level::INFO) {
+            match req.uri().authority() {
+                Some(a) => Some(a.as_str().to_owned()),
+                None => req
+                    .headers()
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned),
+            }
+        } else {
+            None
         };
         RecordFuture {
             method: req.method().clone(),

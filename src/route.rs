@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use http::header::{AUTHORIZATION, HOST};
+use http::header::{AUTHORIZATION, HOST, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Uri, Version};
 use serde::Deserialize;
@@ -36,6 +36,8 @@ pub struct Route {
     path_prefix: String,
     scheme: Scheme,
     authority: Authority,
+    /// The `Host` the upstream gets, as the client would set it from the URI (built once).
+    host_header: HeaderValue,
     base_path: String,
     strip_prefix: bool,
     client_authorization: ClientAuthorization,
@@ -73,6 +75,7 @@ impl Route {
             name: spec.name.into(),
             host: spec.host.map(|h| h.to_ascii_lowercase()),
             path_prefix: spec.path_prefix,
+            host_header: host_header(spec.upstream.scheme()?, spec.upstream.authority()?)?,
             scheme: spec.upstream.scheme()?.clone(),
             authority: spec.upstream.authority()?.clone(),
             base_path: base,
@@ -95,6 +98,14 @@ impl Route {
 
     /// The upstream URI for a request to `path_and_query`.
     fn rewrite(&self, pq: &PathAndQuery) -> Result<Uri, http::Error> {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        if self.base_path.is_empty() && !self.strip_prefix {
+            // The common case: the path goes up as it came, without being re-parsed.
+            parts.path_and_query = Some(pq.clone());
+            return Ok(Uri::from_parts(parts)?);
+        }
         let path = pq.path();
         let rest = if self.strip_prefix {
             &path[self.path_prefix.len().min(path.len())..]
@@ -113,11 +124,8 @@ impl Route {
             out.push('?');
             out.push_str(q);
         }
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(out)
-            .build()
+        parts.path_and_query = Some(PathAndQuery::try_from(out)?);
+        Ok(Uri::from_parts(parts)?)
     }
 }
 
@@ -202,6 +210,17 @@ impl<B> Predicate<Request<B>> for RouteMatch {
     }
 }
 
+/// `Host` for an upstream: its host, with the port unless it is the scheme's default (what
+/// hyper's client would set from the URI).
+fn host_header(scheme: &Scheme, authority: &Authority) -> Option<HeaderValue> {
+    let default_port = if *scheme == Scheme::HTTPS { 443 } else { 80 };
+    let value = match authority.port_u16() {
+        Some(port) if port != default_port => format!("{}:{port}", authority.host()),
+        _ => authority.host().to_owned(),
+    };
+    HeaderValue::try_from(value).ok()
+}
+
 /// Matches `req` to a route and rewrites it for the upstream, in place.
 pub fn route_request<B>(routes: &Routes, req: &mut Request<B>) -> Result<(), ProxyError> {
     // CONNECT would open a tunnel that carries no token; TRACE would echo the injected header.
@@ -248,8 +267,8 @@ pub fn route_request<B>(routes: &Routes, req: &mut Request<B>) -> Result<(), Pro
     *req.version_mut() = Version::HTTP_11;
     let headers = req.headers_mut();
     crate::hop::strip(headers);
-    // The client set Host for tokengate; the upstream client sets it from the new URI.
-    headers.remove(HOST);
+    // The client set Host for tokengate; the upstream gets its own authority.
+    headers.insert(HOST, route.host_header.clone());
     if inject {
         headers.remove(AUTHORIZATION);
     }
@@ -260,6 +279,19 @@ pub fn route_request<B>(routes: &Routes, req: &mut Request<B>) -> Result<(), Pro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_header_keeps_only_a_non_default_port() {
+        let host = |uri: &str| {
+            let uri: Uri = uri.parse().unwrap();
+            host_header(uri.scheme().unwrap(), uri.authority().unwrap()).unwrap()
+        };
+        assert_eq!(host("http://api.example.com:80/x"), "api.example.com");
+        assert_eq!(host("https://api.example.com:443"), "api.example.com");
+        assert_eq!(host("http://api.example.com:443"), "api.example.com:443");
+        assert_eq!(host("https://127.0.0.1:8443"), "127.0.0.1:8443");
+        assert_eq!(host("http://[::1]:9000"), "[::1]:9000");
+    }
 
     #[test]
     fn strip_port_handles_names_and_ipv6() {
