@@ -154,7 +154,7 @@ def start_nginx_proxy(token):
     return Proc("nginx", pinned(1, "nginx", "-c", str(conf)), measured_child=True)
 
 
-def start_tokengate(wrapper=()):
+def start_tokengate(wrapper=(), binary=BIN, extra_env=None):
     conf = WORK / "proxy.toml"
     conf.write_text(f"""
 [server]
@@ -170,8 +170,8 @@ secret = {{ env = "BENCH_SECRET" }}
 upstream = "http://127.0.0.1:{UPSTREAM}"
 credential = "bench"
 """)
-    env = {"BENCH_SECRET": SECRET, "RUST_LOG": "warn"}  # no access log, as nginx's is off
-    p = Proc("tokengate", pinned(1, *wrapper, str(BIN), "run", "--config", str(conf)), env=env)
+    env = {"BENCH_SECRET": SECRET, "RUST_LOG": "warn", **(extra_env or {})}  # no access log, as nginx's
+    p = Proc("tokengate", pinned(1, *wrapper, str(binary), "run", "--config", str(conf)), env=env)
     wait_port(TOKENGATE, timeout=120)
     return p
 
@@ -314,6 +314,9 @@ def main():
     ap.add_argument("--cold", type=int, default=1_000, help="concurrent cold requests")
     ap.add_argument("--profile", action="store_true",
                     help="instead: count tokengate's instructions per request under callgrind")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL[,bin=PATH][,ENV=VALUE...]",
+                    help="instead: alternate tokengate variants (2 or more) for --rounds rounds and "
+                         "report each one's saturation req/s and CPU µs per request (1 KiB)")
     args = ap.parse_args()
 
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -330,6 +333,8 @@ def main():
         time.sleep(0.5)
         if args.profile:
             return profile(procs, args.seconds)
+        if args.variant:
+            return variants(procs, args.variant, args.rounds, args.seconds)
 
         # Exactly one exchange for a burst of concurrent cold requests.
         tg = start_tokengate()
@@ -428,6 +433,32 @@ def profile(procs, seconds):
     total = int(re.search(r"([\d,]+)\s+\(100\.0%\)\s+PROGRAM TOTALS", annotated).group(1).replace(",", ""))
     print(f"{n} requests, {total / n:,.0f} instructions per request\n")
     print("\n".join(annotated.splitlines()[:60]))
+
+
+def variants(procs, specs, rounds, seconds):
+    """A/B(/C...) of tokengate builds or settings, alternated so drift hits each alike."""
+    parsed = []
+    for spec in specs:
+        label, *settings = spec.split(",")
+        kv = dict(s.split("=", 1) for s in settings)
+        parsed.append((label, Path(kv.pop("bin", BIN)), kv))
+    seen = {label: {"rps": [], "cpu_us": []} for label, _, _ in parsed}
+    for r in range(rounds):
+        for label, binary, env in parsed:
+            tg = start_tokengate(binary=binary, extra_env=env)
+            procs.append(tg)
+            wrk(TOKENGATE, "1k", 2, [])  # warm
+            rps, cpu = measured(tg, lambda: wrk(TOKENGATE, "1k", seconds, []))
+            tg.stop()
+            procs.remove(tg)
+            seen[label]["rps"].append(rps)
+            seen[label]["cpu_us"].append(cpu)
+            print(f"round {r + 1} {label}: {rps:,.0f} req/s, {cpu:.1f} µs/request", flush=True)
+    print("\n| variant | req/s (median) | CPU µs/request (median) | spread req/s | spread CPU |")
+    print("|---|---|---|---|---|")
+    for label, s in seen.items():
+        print(f"| {label} | {med(s['rps']):,.0f} | {med(s['cpu_us']):.1f} | {spread(s['rps']):.1%} | "
+              f"{spread(s['cpu_us']):.1%} |")
 
 
 def report(results):

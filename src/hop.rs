@@ -7,7 +7,7 @@ use http::{HeaderMap, Request};
 use crate::framing::ConflictingFraming;
 
 /// The hop-by-hop headers every proxy removes, whatever `Connection` says.
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),

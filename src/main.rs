@@ -9,6 +9,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokengate::config::{Config, ConfigError, ProcessEnv, SecretSource};
 use tokengate::{Gateway, demo};
 
+/// mimalloc: fewer instructions per request than glibc's malloc (docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tokengate",
@@ -98,10 +102,29 @@ enum Command {
     },
 }
 
+/// The tokio runtime: `TOKENGATE_RUNTIME=current-thread|multi-thread`, by default
+/// current-thread when the process may use one CPU (e.g. pinned by `taskset` or a CPU limit of
+/// one core), multi-thread otherwise. docs/BENCHMARKS.md has the measurements behind it.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let one_cpu = std::thread::available_parallelism().is_ok_and(|n| n.get() == 1);
+    let current = match std::env::var("TOKENGATE_RUNTIME").as_deref() {
+        Ok("current-thread") => true,
+        Ok("multi-thread") => false,
+        _ => one_cpu,
+    };
+    if current {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Runtime::new()
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tokengate: cannot start the runtime: {e}");
