@@ -21,6 +21,7 @@
 //!   Prometheus registry and the recording middleware.
 //! - [`tls`]: outbound roots and inbound certificates; [`hop`]: hop-by-hop headers, framing;
 //!   [`framing`]: the watch on the client's bytes that finds `Content-Length` + `Transfer-Encoding`.
+//! - [`ssrf`]: the SSRF guard (resolve, classify, dial what was checked) for egress tunnels.
 //! - [`sandbox`]: a real auth server and upstream for the demo and the tests; [`demo`].
 
 pub mod access;
@@ -39,6 +40,7 @@ pub mod retry;
 pub mod route;
 pub mod sandbox;
 pub mod server;
+pub mod ssrf;
 pub mod stack;
 pub mod tls;
 pub mod upstream;
