@@ -42,6 +42,9 @@ pub struct Config {
     /// The admin listener.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// What egress (`HTTP_PROXY`) clients may do beyond routed requests: CONNECT tunnels.
+    #[serde(default)]
+    pub forward: ForwardConfig,
     /// Named credential sets.
     #[serde(default)]
     pub credentials: BTreeMap<String, CredentialConfig>,
@@ -152,6 +155,44 @@ impl Default for AdminConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
         }
+    }
+}
+
+/// `[forward]`: blind CONNECT tunnels for egress clients. They carry no token (the proxy cannot
+/// see inside them), so each target must be listed, and every address it resolves to passes
+/// the SSRF guard ([`crate::ssrf`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForwardConfig {
+    /// `host:port` targets CONNECT may open a tunnel to (case-insensitive, exact). Default
+    /// empty: CONNECT gets 405.
+    pub tunnel_allow: Vec<String>,
+    /// Address ranges a tunnel may reach although the guard denies them by default (loopback,
+    /// private, link-local, CGNAT, reserved). Default empty.
+    pub tunnel_allow_addresses: Vec<ipnet::IpNet>,
+    /// The most tunnels open at once; further CONNECTs get 503 `overloaded`. Default 1024.
+    pub max_tunnels: usize,
+}
+
+/// The default of `forward.max_tunnels`.
+pub const DEFAULT_MAX_TUNNELS: usize = 1024;
+
+impl Default for ForwardConfig {
+    fn default() -> Self {
+        Self {
+            tunnel_allow: Vec::new(),
+            tunnel_allow_addresses: Vec::new(),
+            max_tunnels: DEFAULT_MAX_TUNNELS,
+        }
+    }
+}
+
+impl ForwardConfig {
+    /// Whether `authority` (`host:port`, from a CONNECT) is a listed tunnel target.
+    pub fn allows_tunnel(&self, authority: &str) -> bool {
+        self.tunnel_allow
+            .iter()
+            .any(|t| t.eq_ignore_ascii_case(authority))
     }
 }
 
@@ -415,7 +456,19 @@ impl Config {
                 format!("`{}` is not a header name", required.name),
             ));
         }
+        for (i, target) in self.forward.tunnel_allow.iter().enumerate() {
+            let ok = target
+                .parse::<http::uri::Authority>()
+                .is_ok_and(|a| a.port_u16().is_some() && !target.contains('@'));
+            if !ok {
+                return Err(err(
+                    format!("forward.tunnel_allow[{i}]"),
+                    format!("`{target}` is not host:port"),
+                ));
+            }
+        }
         for (key, n) in [
+            ("forward.max_tunnels", self.forward.max_tunnels),
             ("server.max_connections", self.server.max_connections),
             (
                 "server.max_concurrent_requests",
@@ -620,8 +673,12 @@ credential = "partner"
             .replace("# ca_file", "ca_file")
             .replace("# host", "host")
             .replace("# strip_prefix", "strip_prefix")
-            .replace("# client_authorization", "client_authorization");
+            .replace("# client_authorization", "client_authorization")
+            .replace("# tunnel_allow", "tunnel_allow")
+            .replace("# max_tunnels", "max_tunnels");
         let c = Config::parse(&uncommented, "proxy.toml").unwrap();
+        assert!(c.forward.allows_tunnel("GIT.example.com:443"));
+        assert!(!c.forward.allows_tunnel("git.example.com:22"));
         assert_eq!(c.routes[0].host.as_deref(), Some("api.example.com"));
         assert!(c.credentials["partner"].encryption_key.is_some());
     }
@@ -641,6 +698,11 @@ credential = "partner"
             e.to_string()
                 .starts_with("proxy.toml: routes[0].credential: ")
         );
+
+        let e = problem(&format!(
+            "{GOOD}\n[forward]\ntunnel_allow = [\"a:1\", \"b\"]\n"
+        ));
+        assert_eq!(e.key, "forward.tunnel_allow[1]", "{e}");
 
         let e = problem(&GOOD.replace("https://api.example.com", "ftp://x"));
         assert_eq!(e.key, "routes[0].upstream", "{e}");

@@ -39,6 +39,12 @@ pub enum ProxyError {
     /// Connecting to the upstream, or talking to it, failed.
     #[error("upstream unreachable")]
     UpstreamUnreachable(#[source] hyper_util::client::legacy::Error),
+    /// The SSRF guard refused a tunnel target (its address class is named, not the address).
+    #[error("tunnel target denied: {0}")]
+    TunnelDenied(crate::ssrf::Denied),
+    /// A tunnel target did not resolve, or refused the connection.
+    #[error("tunnel target unreachable")]
+    TunnelUnreachable(#[source] std::io::Error),
     /// The upstream did not answer within `request_timeout`.
     #[error("upstream did not answer within {0:?}")]
     UpstreamTimeout(Duration),
@@ -87,7 +93,8 @@ impl ProxyError {
                 AuthError::Rejected { .. } => StatusCode::BAD_GATEWAY,
                 _ => StatusCode::SERVICE_UNAVAILABLE,
             },
-            Self::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamUnreachable(_) | Self::TunnelUnreachable(_) => StatusCode::BAD_GATEWAY,
+            Self::TunnelDenied(_) => StatusCode::FORBIDDEN,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -109,7 +116,8 @@ impl ProxyError {
                 AuthError::Rejected { .. } => "auth_rejected",
                 _ => "auth_unavailable",
             },
-            Self::UpstreamUnreachable(_) => "upstream_unreachable",
+            Self::UpstreamUnreachable(_) | Self::TunnelUnreachable(_) => "upstream_unreachable",
+            Self::TunnelDenied(_) => "forbidden",
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::ClientTimeout(_) => "client_timeout",

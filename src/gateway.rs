@@ -13,6 +13,7 @@ use crate::auth::exchange::{ExchangeParams, Exchanger};
 use crate::config::{Config, ConfigError, CredentialSecrets, SecretEnv, ServerConfig};
 use crate::metrics::Metrics;
 use crate::route::{Route, RouteSpec, Routes};
+use crate::ssrf::{Resolve, SystemResolver};
 use crate::upstream::UpstreamClient;
 use crate::{tls, upstream};
 
@@ -36,6 +37,7 @@ pub struct Gateway {
     live: SharedLive,
     file: String,
     metrics: Arc<Metrics>,
+    resolver: Arc<dyn Resolve>,
 }
 
 impl Gateway {
@@ -57,7 +59,20 @@ impl Gateway {
             live: Arc::new(ArcSwap::from_pointee(live)),
             file: file.to_owned(),
             metrics,
+            resolver: Arc::new(SystemResolver),
         })
+    }
+
+    /// Resolves tunnel targets with `resolver` instead of the system's (the seam tests use).
+    /// Takes effect at the next start.
+    pub fn with_resolver(mut self, resolver: Arc<dyn Resolve>) -> Self {
+        self.resolver = resolver;
+        self
+    }
+
+    /// The resolver for tunnel targets.
+    pub fn resolver(&self) -> Arc<dyn Resolve> {
+        self.resolver.clone()
     }
 
     /// Replaces the configuration at once, or not at all: on any error the current one keeps
@@ -138,7 +153,9 @@ fn restart_only_settings_differ(a: &Config, b: &Config) -> bool {
         require_header: None,
         ..s.clone()
     };
-    bound_at_start(&a.server) != bound_at_start(&b.server) || a.admin != b.admin
+    bound_at_start(&a.server) != bound_at_start(&b.server)
+        || a.admin != b.admin
+        || a.forward.max_tunnels != b.forward.max_tunnels
 }
 
 /// Builds a snapshot from `config`, reusing the token sources of `previous` whose settings and

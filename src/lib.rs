@@ -11,7 +11,8 @@
 //! - [`server`]: listeners, the accept loop, graceful shutdown.
 //! - [`stack`]: the request path, assembled in one place. Its layers, outside-in:
 //!   [`rescue`] (errors → JSON), [`access`] (allowed clients, shared key; a tower filter),
-//!   load shedding (tower), [`route`] (match, rewrite, hop-by-hop; a tower filter), [`body`]
+//!   load shedding (tower), [`tunnel`] (CONNECT to listed targets, through [`ssrf`]),
+//!   [`route`] (match, rewrite, hop-by-hop; a tower filter), [`body`]
 //!   (limits, replayable bodies), [`retry`] (once on 401), [`auth::inject`] (bearer),
 //!   [`upstream`] (pooled client).
 //! - [`error`]: every request-path error and the one place it becomes a response.
@@ -43,6 +44,7 @@ pub mod server;
 pub mod ssrf;
 pub mod stack;
 pub mod tls;
+pub mod tunnel;
 pub mod upstream;
 
 pub use config::Config;

@@ -11,7 +11,6 @@ use http_body::Body;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
@@ -69,7 +68,12 @@ impl Gateway {
         let (stop, stopped) = watch::channel(false);
         let http = Arc::new(http_builder(server));
         let mut tasks = JoinSet::new();
-        let service = stack::proxy(self.shared(), self.metrics(), server);
+        let service = stack::proxy(
+            self.shared(),
+            self.metrics(),
+            &snapshot.config,
+            self.resolver(),
+        );
         let tls = match &server.tls {
             None => None,
             Some(t) => {
@@ -193,7 +197,6 @@ pub async fn serve<S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let permit = tokio::select! {
@@ -225,23 +228,17 @@ pub async fn serve<S, B>(
                 req
             });
         let service = TowerToHyperService::new(AddExtension::new(service, ClientAddr(peer)));
-        let (http, watcher, tls) = (http.clone(), graceful.watcher(), limits.tls.clone());
+        let (http, stop, tls) = (http.clone(), stop.clone(), limits.tls.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let served = match tls {
-                None => {
-                    watcher
-                        .watch(http.serve_connection(io(stream, verdicts), service))
-                        .await
-                }
+                None => serve_one(&http, io(stream, verdicts), service, stop).await,
                 Some(tls) => {
                     match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream))
                         .await
                     {
                         Ok(Ok(stream)) => {
-                            watcher
-                                .watch(http.serve_connection(io(stream, verdicts), service))
-                                .await
+                            serve_one(&http, io(stream, verdicts), service, stop).await
                         }
                         Ok(Err(error)) => {
                             tracing::debug!(%peer, %error, "TLS handshake failed");
@@ -260,10 +257,41 @@ pub async fn serve<S, B>(
         });
     }
     drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(limits.shutdown_grace) => tracing::warn!("shutdown grace over; closing connections"),
+    // Every connection holds a permit until it ends: holding them all means all have drained.
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout(limits.shutdown_grace, permits.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown grace over; closing connections");
     }
+}
+
+/// Serves one connection (upgrades allowed, for CONNECT tunnels) until it ends; once `stop`
+/// flips, it finishes in-flight requests and closes (HTTP/2: GOAWAY).
+async fn serve_one<IO, S, B>(
+    http: &auto::Builder<TokioExecutor>,
+    io: IO,
+    service: S,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), BoxError>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let conn = http.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    tokio::select! {
+        served = conn.as_mut() => return served,
+        _ = stop.wait_for(|stopped| *stopped) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    conn.await
 }
 
 /// A client connection as hyper reads it: through the framing watch.

@@ -3,9 +3,9 @@
 //! what is dialled is exactly what was checked (no second lookup an attacker's DNS could
 //! answer differently).
 //!
-//! Not yet wired to CONNECT (issue 5 tracks `[forward] tunnel_allow`); the classification and
-//! the resolver seam are complete and tested on their own.
+//! [`crate::tunnel`] uses it for CONNECT.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -33,6 +33,26 @@ impl Resolve for SystemResolver {
         port: u16,
     ) -> BoxFuture<'a, io::Result<Vec<SocketAddr>>> {
         Box::pin(async move { Ok(tokio::net::lookup_host((host, port)).await?.collect()) })
+    }
+}
+
+/// A resolver answering from a fixed table, for tests (and to pin names): unknown names fail
+/// as "not found".
+#[derive(Debug, Clone, Default)]
+pub struct StaticResolver(pub HashMap<String, Vec<IpAddr>>);
+
+impl Resolve for StaticResolver {
+    fn resolve<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+    ) -> BoxFuture<'a, io::Result<Vec<SocketAddr>>> {
+        let found = self.0.get(&host.to_ascii_lowercase()).map(|ips| {
+            ips.iter()
+                .map(|&ip| SocketAddr::new(ip, port))
+                .collect::<Vec<_>>()
+        });
+        Box::pin(async move { found.ok_or_else(|| io::ErrorKind::NotFound.into()) })
     }
 }
 
@@ -177,8 +197,6 @@ pub async fn checked_address(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
 
     fn ip(s: &str) -> IpAddr {
@@ -238,36 +256,21 @@ mod tests {
         );
     }
 
-    /// A resolver answering from a table: the seam the tunnel tests use.
-    struct Table(HashMap<&'static str, Vec<IpAddr>>);
-
-    impl Resolve for Table {
-        fn resolve<'a>(
-            &'a self,
-            host: &'a str,
-            port: u16,
-        ) -> BoxFuture<'a, io::Result<Vec<SocketAddr>>> {
-            let found = self.0.get(host).map(|ips| {
-                ips.iter()
-                    .map(|&ip| SocketAddr::new(ip, port))
-                    .collect::<Vec<_>>()
-            });
-            Box::pin(async move { found.ok_or_else(|| io::ErrorKind::NotFound.into()) })
-        }
-    }
-
     #[tokio::test]
     async fn checks_every_resolved_address_and_returns_the_one_to_dial() {
-        let dns = Table(HashMap::from([
-            (
-                "api.example.com",
-                vec![ip("93.184.216.34"), ip("2606:4700::1")],
-            ),
-            ("metadata.evil", vec![ip("169.254.169.254")]),
-            ("mixed.evil", vec![ip("93.184.216.34"), ip("10.0.0.5")]),
-            ("mapped.evil", vec![ip("::ffff:127.0.0.1")]),
-            ("empty.example", vec![]),
-        ]));
+        let dns = StaticResolver(HashMap::from(
+            [
+                (
+                    "api.example.com",
+                    vec![ip("93.184.216.34"), ip("2606:4700::1")],
+                ),
+                ("metadata.evil", vec![ip("169.254.169.254")]),
+                ("mixed.evil", vec![ip("93.184.216.34"), ip("10.0.0.5")]),
+                ("mapped.evil", vec![ip("::ffff:127.0.0.1")]),
+                ("empty.example", vec![]),
+            ]
+            .map(|(host, ips)| (host.to_owned(), ips)),
+        ));
         let got = checked_address(&dns, "api.example.com", 443, &[]).await;
         assert_eq!(got.unwrap(), "93.184.216.34:443".parse().unwrap());
         for (host, reason) in [

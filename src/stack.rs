@@ -16,20 +16,23 @@ use tower_http::trace::TraceLayer;
 use crate::access::AccessCheck;
 use crate::auth::inject::InjectBearerLayer;
 use crate::body::{BodyError, BodyLimits, ReplayBodyLayer};
-use crate::config::ServerConfig;
+use crate::config::Config;
 use crate::error::{BoxError, ProxyError};
 use crate::gateway::SharedLive;
 use crate::metrics::{Metrics, RecordLayer};
 use crate::rescue::RescueLayer;
 use crate::retry::RetryOn401Layer;
 use crate::route::RouteMatch;
+use crate::ssrf::Resolve;
+use crate::tunnel::TunnelLayer;
 use crate::upstream::Upstream;
 
 /// The proxy's service for one listener: every request in, every response (or JSON error) out.
 pub fn proxy(
     live: SharedLive,
     metrics: Arc<Metrics>,
-    server: &ServerConfig,
+    config: &Config,
+    resolver: Arc<dyn Resolve>,
 ) -> impl Service<
     Request<Incoming>,
     Response = Response<impl Body<Data = bytes::Bytes, Error = BodyError> + Send + 'static>,
@@ -38,6 +41,7 @@ pub fn proxy(
 > + Clone
 + Send
 + 'static {
+    let server = &config.server;
     ServiceBuilder::new()
         // A span per request (method, URI, status, latency) for everything below; no headers.
         .layer(TraceLayer::new_for_http())
@@ -54,6 +58,13 @@ pub fn proxy(
         // Shed load past max_concurrent_requests (503 overloaded) instead of queueing it.
         .layer(LoadShedLayer::new())
         .layer(ConcurrencyLimitLayer::new(server.max_concurrent_requests))
+        // CONNECT to a `[forward] tunnel_allow` target: SSRF guard, dial, blind tunnel.
+        .layer(TunnelLayer::new(
+            live.clone(),
+            resolver,
+            server.connect_timeout,
+            config.forward.max_tunnels,
+        ))
         // Pick the route, rewrite the URI, strip hop-by-hop, apply client_authorization.
         .layer(FilterLayer::new(RouteMatch::new(live)))
         // Hold bodies to max_request_body and body_idle_timeout; buffer small ones for replay.

@@ -1536,3 +1536,159 @@ async fn raw_request(addr: std::net::SocketAddr, request: &str) -> (u16, String)
         .unwrap_or(0);
     (status, text.to_lowercase())
 }
+
+/// A TCP echo server on 127.0.0.1; returns its port and everything it received.
+async fn echo_server() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                    log.lock().unwrap().extend_from_slice(&buf[..n]);
+                    if stream.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// Sends a CONNECT for `target` and reads the response head; the stream stays open.
+async fn connect(proxy: std::net::SocketAddr, target: &str) -> (String, tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    while !got.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        if stream.read(&mut byte).await.unwrap() == 0 {
+            break;
+        }
+        got.push(byte[0]);
+    }
+    (String::from_utf8_lossy(&got).to_lowercase(), stream)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_tunnels_only_to_listed_targets_whose_addresses_pass_the_ssrf_guard() {
+    use std::collections::HashMap;
+    use tokengate::ssrf::StaticResolver;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (echo, seen) = echo_server().await;
+    let dns = StaticResolver(HashMap::from(
+        [
+            ("echo.test", "127.0.0.1"),
+            ("metadata.test", "169.254.169.254"),
+            ("internal.test", "10.1.2.3"),
+            ("cgnat.test", "100.64.0.7"),
+            ("mapped.test", "::ffff:127.0.0.1"),
+            ("nat64.test", "64:ff9b::7f00:1"),
+        ]
+        .map(|(host, ip)| (host.to_owned(), vec![ip.parse().unwrap()])),
+    ));
+    let listed = ["echo", "metadata", "internal", "cgnat", "mapped", "nat64"]
+        .map(|h| format!("\"{h}.test:{echo}\""))
+        .join(", ");
+    let h = Harness::with(Setup {
+        forward: format!("tunnel_allow = [{listed}]\ntunnel_allow_addresses = [\"127.0.0.1/32\"]"),
+        resolver: Some(std::sync::Arc::new(dns)),
+        ..Setup::default()
+    })
+    .await;
+
+    // A listed target on an allowed address: 200, then bytes go through untouched, both ways.
+    let (head, mut tunnel) = connect(h.proxy, &format!("echo.test:{echo}")).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let payload = b"GET /x HTTP/1.1\r\nHost: echo.test\r\n\r\n";
+    tunnel.write_all(payload).await.unwrap();
+    let mut back = vec![0u8; payload.len()];
+    tunnel.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, payload);
+    assert_eq!(
+        seen.lock().unwrap().as_slice(),
+        payload,
+        "the tunnel is blind: nothing injected"
+    );
+
+    // Unlisted: 403 no_route. Listed but resolving to a denied class: 403 forbidden.
+    let (head, _) = connect(h.proxy, &format!("other.test:{echo}")).await;
+    assert!(head.starts_with("http/1.1 403"), "{head}");
+    assert!(head.contains("x-tokengate-error: no_route"), "{head}");
+    for host in ["metadata", "internal", "cgnat", "mapped", "nat64"] {
+        let (head, _) = connect(h.proxy, &format!("{host}.test:{echo}")).await;
+        assert!(head.starts_with("http/1.1 403"), "{host}: {head}");
+        assert!(
+            head.contains("x-tokengate-error: forbidden"),
+            "{host}: {head}"
+        );
+    }
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        payload.len(),
+        "nothing else was dialled"
+    );
+    assert_eq!(h.auth.requests(), 0, "tunnels need no token");
+    drop(tunnel);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_through_a_tunnel_reaches_the_upstream_without_a_token() {
+    use std::collections::HashMap;
+    use tokengate::ssrf::StaticResolver;
+
+    let dns = StaticResolver(HashMap::from([(
+        "upstream.test".to_owned(),
+        vec!["127.0.0.1".parse().unwrap()],
+    )]));
+    let mut h = Harness::with(Setup {
+        forward: "tunnel_allow_addresses = [\"127.0.0.1/32\"]".into(),
+        resolver: Some(std::sync::Arc::new(dns)),
+        ..Setup::default()
+    })
+    .await;
+    let port = h.upstream_addr.port();
+    let curl = |target: String| {
+        let proxy = format!("http://{}", h.proxy);
+        async move {
+            tokio::process::Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-p", "-x"])
+                .arg(proxy)
+                .arg(target)
+                .output()
+                .await
+                .expect("curl is needed by this test (.ci/run installs it)")
+        }
+    };
+    let target = format!("http://upstream.test:{port}/through-tunnel");
+    // No tunnel_allow: CONNECT is refused (405), and curl reports the failed tunnel.
+    let out = curl(target.clone()).await;
+    assert!(!out.status.success());
+    assert_eq!(h.upstream.requests(), 0);
+
+    // Listed: curl speaks HTTP inside the tunnel; the upstream sees it without a token (401).
+    let config = h.config_text.replace(
+        "[forward]\n",
+        &format!("[forward]\ntunnel_allow = [\"upstream.test:{port}\"]\n"),
+    );
+    h.gateway
+        .reload(
+            tokengate::Config::parse(&config, "test.toml").unwrap(),
+            &h.env,
+        )
+        .unwrap();
+    h.config_text = config;
+    let out = curl(target).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
+    assert_eq!(h.upstream.unauthorized(), 1);
+    assert_eq!(h.auth.requests(), 0);
+}

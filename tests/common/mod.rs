@@ -43,6 +43,10 @@ pub struct Setup {
     pub route_extra: String,
     /// Extra environment variables the config may name.
     pub env: Vec<(String, String)>,
+    /// Lines for a `[forward]` table.
+    pub forward: String,
+    /// How tunnel targets resolve (the system resolver if `None`).
+    pub resolver: Option<Arc<dyn tokengate::ssrf::Resolve>>,
     /// The signature the sandbox agent expects.
     pub agent_signature: SignatureAlg,
     /// The cipherText layout the sandbox agent expects.
@@ -60,6 +64,8 @@ impl Default for Setup {
             routes_before: String::new(),
             route_extra: String::new(),
             env: Vec::new(),
+            forward: String::new(),
+            resolver: None,
             agent_signature: SignatureAlg::Sha256,
             agent_layout: CipherTextLayout::IvTagCt,
         }
@@ -109,6 +115,9 @@ max_replay_body = {max_replay_body}
 [admin]
 listen = "127.0.0.1:0"
 
+[forward]
+{forward}
+
 [credentials.partner]
 auth_url = "{auth_url}"
 agent_id = "{agent}"
@@ -132,12 +141,16 @@ credential = "partner"
                 .replace("{upstream}", &sandbox.upstream_addr().to_string()),
             upstream = sandbox.upstream_addr(),
             route_extra = setup.route_extra,
+            forward = setup.forward,
         );
         let config = Config::parse(&text, "test.toml").unwrap();
         let config_text = text.clone();
         let mut env = BTreeMap::from([("PARTNER_SECRET".to_owned(), SECRET.to_owned())]);
         env.extend(setup.env);
-        let gateway = Gateway::new(config, "test.toml", &env).unwrap();
+        let mut gateway = Gateway::new(config, "test.toml", &env).unwrap();
+        if let Some(resolver) = setup.resolver {
+            gateway = gateway.with_resolver(resolver);
+        }
         let running = gateway.start().await.unwrap();
         Self {
             auth: sandbox.auth.clone(),
