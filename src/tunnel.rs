@@ -80,8 +80,11 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        if req.method() != Method::CONNECT {
+            return Either::Left(self.inner.call(req));
+        }
         let live = self.layer.live.load_full();
-        if req.method() != Method::CONNECT || live.config.forward.tunnel_allow.is_empty() {
+        if live.config.forward.tunnel_allow.is_empty() {
             return Either::Left(self.inner.call(req));
         }
         let layer = self.layer.clone();
