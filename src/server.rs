@@ -129,7 +129,7 @@ impl Running {
         self.admin_addr
     }
 
-    /// Stops accepting, lets in-flight requests finish (up to [`SHUTDOWN_GRACE`]) and returns.
+    /// Stops accepting, lets in-flight requests finish (up to `server.shutdown_grace`) and returns.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
