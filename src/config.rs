@@ -172,6 +172,9 @@ pub struct ForwardConfig {
     pub tunnel_allow_addresses: Vec<ipnet::IpNet>,
     /// The most tunnels open at once; further CONNECTs get 503 `overloaded`. Default 1024.
     pub max_tunnels: usize,
+    /// A tunnel with no bytes moving either way for this long is closed. Default 5 min.
+    #[serde(with = "humantime_serde")]
+    pub tunnel_idle_timeout: Duration,
 }
 
 /// The default of `forward.max_tunnels`.
@@ -183,6 +186,7 @@ impl Default for ForwardConfig {
             tunnel_allow: Vec::new(),
             tunnel_allow_addresses: Vec::new(),
             max_tunnels: DEFAULT_MAX_TUNNELS,
+            tunnel_idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -487,6 +491,10 @@ impl Config {
                 self.server.header_read_timeout,
             ),
             ("server.body_idle_timeout", self.server.body_idle_timeout),
+            (
+                "forward.tunnel_idle_timeout",
+                self.forward.tunnel_idle_timeout,
+            ),
         ] {
             if d.is_zero() {
                 return Err(err(key.into(), "must be greater than zero".into()));
@@ -675,7 +683,8 @@ credential = "partner"
             .replace("# strip_prefix", "strip_prefix")
             .replace("# client_authorization", "client_authorization")
             .replace("# tunnel_allow", "tunnel_allow")
-            .replace("# max_tunnels", "max_tunnels");
+            .replace("# max_tunnels", "max_tunnels")
+            .replace("# tunnel_idle_timeout", "tunnel_idle_timeout");
         let c = Config::parse(&uncommented, "proxy.toml").unwrap();
         assert!(c.forward.allows_tunnel("GIT.example.com:443"));
         assert!(!c.forward.allows_tunnel("git.example.com:22"));

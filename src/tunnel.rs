@@ -5,15 +5,20 @@
 //! Without `tunnel_allow`, CONNECT passes on and the route layer answers 405.
 
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::{BoxFuture, Either};
 use http::{Method, Request, Response};
 use hyper_util::rt::TokioIo;
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use crate::body::ProxyBody;
@@ -137,23 +142,158 @@ async fn open<B>(
             }
         }
     })?;
-    let mut upstream = tokio::time::timeout(layer.connect_timeout, TcpStream::connect(addr))
+    let upstream = tokio::time::timeout(layer.connect_timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| ProxyError::UpstreamTimeout(layer.connect_timeout))?
         .map_err(ProxyError::TunnelUnreachable)?;
     let _ = upstream.set_nodelay(true);
     let upgrade = hyper::upgrade::on(&mut req);
+    let idle_timeout = forward.tunnel_idle_timeout;
     tokio::spawn(async move {
         let _permit = permit;
-        let mut client = match upgrade.await {
+        let client = match upgrade.await {
             Ok(upgraded) => TokioIo::new(upgraded),
             Err(error) => return tracing::debug!(%error, "tunnel upgrade failed"),
         };
-        match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        match relay(client, upstream, idle_timeout).await {
             Ok((up, down)) => tracing::debug!(%addr, up, down, "tunnel closed"),
-            Err(error) => tracing::debug!(%addr, %error, "tunnel broke off"),
+            Err(error) => tracing::debug!(%addr, %error, "tunnel ended"),
         }
     });
     tracing::info!(target = %target, %addr, "tunnel open");
     Ok(Response::new(ProxyBody::Full(None)))
+}
+
+/// Copies both ways until either side closes, or until no byte has moved either way for
+/// `idle_timeout`.
+async fn relay<A, B>(client: A, upstream: B, idle_timeout: Duration) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let start = Instant::now();
+    let moved = Arc::new(AtomicU64::new(0)); // milliseconds after `start` of the last bytes
+    let (mut client, mut upstream) = (
+        Active::new(client, start, moved.clone()),
+        Active::new(upstream, start, moved.clone()),
+    );
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    tokio::pin!(copy);
+    loop {
+        let last = start + Duration::from_millis(moved.load(Ordering::Relaxed));
+        tokio::select! {
+            done = &mut copy => return done,
+            _ = tokio::time::sleep_until(last + idle_timeout) => {
+                if start + Duration::from_millis(moved.load(Ordering::Relaxed)) == last {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "tunnel idle"));
+                }
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// One side of a tunnel, noting when bytes last moved through it.
+    struct Active<IO> {
+        #[pin]
+        io: IO,
+        start: Instant,
+        moved: Arc<AtomicU64>,
+    }
+}
+
+impl<IO> Active<IO> {
+    fn new(io: IO, start: Instant, moved: Arc<AtomicU64>) -> Self {
+        Self { io, start, moved }
+    }
+}
+
+fn note(start: Instant, moved: &AtomicU64) {
+    let ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+    moved.store(ms, Ordering::Relaxed);
+}
+
+impl<IO: AsyncRead> AsyncRead for Active<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let polled = this.io.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            note(*this.start, this.moved);
+        }
+        polled
+    }
+}
+
+impl<IO: AsyncWrite> AsyncWrite for Active<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let polled = this.io.poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            note(*this.start, this.moved);
+        }
+        polled
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+
+    use super::*;
+
+    const IDLE: Duration = Duration::from_secs(60);
+
+    /// The tokio clock is paused, so "idle for a minute" is exact and instant.
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_lives_while_bytes_move_and_closes_after_idle_timeout() {
+        let (client, mut client_end) = duplex(64);
+        let (upstream, mut upstream_end) = duplex(64);
+        let relay = tokio::spawn(relay(client, upstream, IDLE));
+
+        // A one-way trickle, every 40 s, for 4 minutes: never idle for 60 s, so it stays open.
+        let mut buf = [0u8; 4];
+        for _ in 0..6 {
+            upstream_end.write_all(b"data").await.unwrap();
+            client_end.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"data");
+            tokio::time::sleep(Duration::from_secs(40)).await;
+            assert!(!relay.is_finished(), "closed while bytes were moving");
+        }
+        // Then silence: it closes once a full minute passes with nothing moving.
+        tokio::time::sleep(Duration::from_secs(21)).await;
+        let ended = relay.await.unwrap().unwrap_err();
+        assert_eq!(ended.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_ends_when_either_side_closes() {
+        let (client, mut client_end) = duplex(64);
+        let (upstream, upstream_end) = duplex(64);
+        let relay = tokio::spawn(relay(client, upstream, IDLE));
+        client_end.write_all(b"up").await.unwrap();
+        drop(client_end);
+        let mut upstream_end = upstream_end;
+        let mut got = Vec::new();
+        upstream_end.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"up");
+        drop(upstream_end);
+        assert_eq!(relay.await.unwrap().unwrap(), (2, 0));
+    }
 }
