@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
@@ -107,24 +107,22 @@ async fn open<B>(
     forward: &ForwardConfig,
     layer: &TunnelLayer,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let target = req
+    let (target, port) = req
         .uri()
         .authority()
-        .filter(|a| a.port_u16().is_some())
-        .cloned()
+        .and_then(|a| Some((a.clone(), a.port_u16()?)))
         .ok_or(ProxyError::BadRequest("CONNECT needs host:port"))?;
     if !forward.allows_tunnel(target.as_str()) {
         return Err(ProxyError::NoRoute {
             absolute_form: true,
         });
     }
-    let permit: OwnedSemaphorePermit = layer
+    let permit = layer
         .slots
         .clone()
         .try_acquire_owned()
         .map_err(|_| ProxyError::Overloaded)?;
     let host = target.host().trim_start_matches('[').trim_end_matches(']');
-    let port = target.port_u16().unwrap_or_default();
     let addr = ssrf::checked_address(
         &*layer.resolver,
         host,
