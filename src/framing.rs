@@ -13,16 +13,12 @@
 //! which hyper refuses and closes on), it stops watching and hyper's own handling stands.
 //! It keeps no buffer unless a head arrives split across reads.
 
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 
 use http::Request;
-use pin_project_lite::pin_project;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::observe::{Observed, Observer};
 use crate::server::{MAX_HEADER_BYTES, MAX_HEADERS};
 
 /// The longest chunk-size line followed, in bytes; past it the watch stops.
@@ -61,71 +57,22 @@ impl Verdicts {
     }
 }
 
-pin_project! {
-    /// A client connection's byte stream, with its request framing watched.
-    pub struct Watched<IO> {
-        #[pin]
-        io: IO,
-        watch: Watch,
-    }
+/// A client connection's byte stream, with its request framing watched.
+pub type Watched<IO> = Observed<IO, Watch>;
+
+/// Watches `io`, reporting to `verdicts`.
+pub fn watched<IO>(io: IO, verdicts: Arc<Verdicts>) -> Watched<IO> {
+    Observed::new(io, Watch::new(verdicts))
 }
 
-impl<IO> Watched<IO> {
-    /// Watches `io`, reporting to `verdicts`.
-    pub fn new(io: IO, verdicts: Arc<Verdicts>) -> Self {
-        Self {
-            io,
-            watch: Watch::new(verdicts),
-        }
-    }
-}
-
-impl<IO: AsyncRead> AsyncRead for Watched<IO> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.project();
-        let before = buf.filled().len();
-        let polled = this.io.poll_read(cx, buf);
-        this.watch.feed(&buf.filled()[before..]);
-        polled
-    }
-}
-
-impl<IO: AsyncWrite> AsyncWrite for Watched<IO> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.project().io.poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.project().io.poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().io.poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().io.poll_shutdown(cx)
+impl Observer for Watch {
+    fn read(&mut self, bytes: &[u8]) {
+        self.feed(bytes);
     }
 }
 
 /// Follows the HTTP/1 request stream of one connection.
-struct Watch {
+pub struct Watch {
     state: State,
     /// Request heads parsed so far.
     heads: u64,

@@ -21,7 +21,8 @@
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, the credentials API; [`metrics`]: the
 //!   Prometheus registry and the recording middleware.
 //! - [`tls`]: outbound roots and inbound certificates; [`hop`]: hop-by-hop headers, framing;
-//!   [`framing`]: the watch on the client's bytes that finds `Content-Length` + `Transfer-Encoding`.
+//!   [`framing`]: the watch on the client's bytes that finds `Content-Length` + `Transfer-Encoding`;
+//!   [`observe`]: the IO wrapper it (and the tunnels' idle timeout) reads through.
 //! - [`ssrf`]: the SSRF guard (resolve, classify, dial what was checked) for egress tunnels.
 //! - [`sandbox`]: a real auth server and upstream for the demo and the tests; [`demo`].
 
@@ -36,6 +37,7 @@ pub mod framing;
 pub mod gateway;
 pub mod hop;
 pub mod metrics;
+pub mod observe;
 pub mod rescue;
 pub mod retry;
 pub mod route;

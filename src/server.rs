@@ -21,7 +21,7 @@ use tower_http::add_extension::AddExtension;
 use crate::access::ClientAddr;
 use crate::config::ServerConfig;
 use crate::error::BoxError;
-use crate::framing::{Verdicts, Watched};
+use crate::framing::{self, Verdicts, Watched};
 use crate::gateway::Gateway;
 use crate::{admin, stack, tls};
 
@@ -296,5 +296,5 @@ where
 
 /// A client connection as hyper reads it: through the framing watch.
 fn io<IO>(stream: IO, verdicts: Arc<Verdicts>) -> TokioIo<Watched<IO>> {
-    TokioIo::new(Watched::new(stream, verdicts))
+    TokioIo::new(framing::watched(stream, verdicts))
 }

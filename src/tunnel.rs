@@ -5,7 +5,6 @@
 //! Without `tunnel_allow`, CONNECT passes on and the route layer answers 405.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
@@ -14,8 +13,7 @@ use std::time::Duration;
 use futures_util::future::{BoxFuture, Either};
 use http::{Method, Request, Response};
 use hyper_util::rt::TokioIo;
-use pin_project_lite::pin_project;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -25,6 +23,7 @@ use crate::body::ProxyBody;
 use crate::config::ForwardConfig;
 use crate::error::{BoxError, ProxyError};
 use crate::gateway::SharedLive;
+use crate::observe::{Observed, Observer};
 use crate::ssrf::{self, GuardError, Resolve};
 
 /// Opens CONNECT tunnels to listed targets; passes every other request on.
@@ -169,20 +168,22 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let start = Instant::now();
-    let moved = Arc::new(AtomicU64::new(0)); // milliseconds after `start` of the last bytes
+    let activity = Activity {
+        start: Instant::now(),
+        moved: Arc::new(AtomicU64::new(0)),
+    };
     let (mut client, mut upstream) = (
-        Active::new(client, start, moved.clone()),
-        Active::new(upstream, start, moved.clone()),
+        Observed::new(client, activity.clone()),
+        Observed::new(upstream, activity.clone()),
     );
     let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
     tokio::pin!(copy);
     loop {
-        let last = start + Duration::from_millis(moved.load(Ordering::Relaxed));
+        let last = activity.last();
         tokio::select! {
             done = &mut copy => return done,
             _ = tokio::time::sleep_until(last + idle_timeout) => {
-                if start + Duration::from_millis(moved.load(Ordering::Relaxed)) == last {
+                if activity.last() == last {
                     return Err(io::Error::new(io::ErrorKind::TimedOut, "tunnel idle"));
                 }
             }
@@ -190,63 +191,32 @@ where
     }
 }
 
-pin_project! {
-    /// One side of a tunnel, noting when bytes last moved through it.
-    struct Active<IO> {
-        #[pin]
-        io: IO,
-        start: Instant,
-        moved: Arc<AtomicU64>,
+/// Notes, for both sides of a tunnel, when bytes last moved: milliseconds after `start`.
+#[derive(Clone)]
+struct Activity {
+    start: Instant,
+    moved: Arc<AtomicU64>,
+}
+
+impl Activity {
+    fn note(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.moved.store(ms, Ordering::Relaxed);
+    }
+
+    /// When bytes last moved.
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.moved.load(Ordering::Relaxed))
     }
 }
 
-impl<IO> Active<IO> {
-    fn new(io: IO, start: Instant, moved: Arc<AtomicU64>) -> Self {
-        Self { io, start, moved }
-    }
-}
-
-fn note(start: Instant, moved: &AtomicU64) {
-    let ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
-    moved.store(ms, Ordering::Relaxed);
-}
-
-impl<IO: AsyncRead> AsyncRead for Active<IO> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.project();
-        let before = buf.filled().len();
-        let polled = this.io.poll_read(cx, buf);
-        if buf.filled().len() > before {
-            note(*this.start, this.moved);
-        }
-        polled
-    }
-}
-
-impl<IO: AsyncWrite> AsyncWrite for Active<IO> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.project();
-        let polled = this.io.poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            note(*this.start, this.moved);
-        }
-        polled
+impl Observer for Activity {
+    fn read(&mut self, _: &[u8]) {
+        self.note();
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().io.poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().io.poll_shutdown(cx)
+    fn wrote(&mut self, _: usize) {
+        self.note();
     }
 }
 
