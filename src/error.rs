@@ -69,6 +69,12 @@ pub enum ProxyError {
     /// A method tokengate never forwards (CONNECT, TRACE).
     #[error("method {0} is not forwarded")]
     MethodNotAllowed(http::Method),
+    /// The request head is longer than allowed; the connection is closed after the answer.
+    #[error("request head exceeds {limit} bytes")]
+    HeadersTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
     /// The request's body framing is ambiguous; the connection is closed after the answer, since
     /// where a next request would begin is unknown.
     #[error("bad request: {0}")]
@@ -97,6 +103,7 @@ impl ProxyError {
             Self::TunnelDenied(_) => StatusCode::FORBIDDEN,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -120,6 +127,7 @@ impl ProxyError {
             Self::TunnelDenied(_) => "forbidden",
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::BodyTooLarge { .. } => "body_too_large",
+            Self::HeadersTooLarge { .. } => "headers_too_large",
             Self::ClientTimeout(_) => "client_timeout",
             Self::Overloaded => "overloaded",
             Self::MethodNotAllowed(_) => "method_not_allowed",
@@ -173,7 +181,10 @@ impl ProxyError {
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(ERROR_HEADER, HeaderValue::from_static(kind));
-        if matches!(self, Self::AmbiguousFraming(_)) {
+        if matches!(
+            self,
+            Self::AmbiguousFraming(_) | Self::HeadersTooLarge { .. }
+        ) {
             headers.insert(CONNECTION, HeaderValue::from_static("close"));
         }
         if let Some(secs) = retry_after {

@@ -1,20 +1,21 @@
 //! The framing watch: a request carrying both `Content-Length` and `Transfer-Encoding` is
-//! refused with 400, as nginx and Envoy refuse it.
+//! refused with 400, as nginx and Envoy refuse it, and a head over [`MAX_HEADER_BYTES`] with
+//! 431 (hyper's own limit is its read buffer, which a head that arrives in one read can pass).
 //!
 //! hyper follows RFC 9112 §6.3 for such a request: it reads the body as chunked, drops
 //! `Content-Length` and closes the connection after answering. Nothing is smuggled, but the
 //! service never learns the request was ambiguous. So [`Watched`] reads the bytes hyper reads,
 //! finds each request head with the parser hyper uses (`httparse`), follows the body's framing
-//! to the next head, and notes which head conflicted in the connection's [`Verdicts`].
-//! [`Verdicts::mark`] counts the requests hyper hands over and marks that one with
-//! [`ConflictingFraming`], which [`crate::hop::check_framing`] refuses.
+//! to the next head, and notes which head conflicted (or was too long) in the connection's
+//! [`Verdicts`]. [`Verdicts::mark`] counts the requests hyper hands over and marks that one with
+//! its [`Refusal`], which [`crate::hop::check_framing`] refuses.
 //!
-//! Where the watch cannot follow (HTTP/2, CONNECT, a head over the limits, malformed framing,
-//! which hyper refuses and closes on), it stops watching and hyper's own handling stands.
+//! Where the watch cannot follow (HTTP/2, CONNECT, too many headers, malformed framing, which
+//! hyper refuses and closes on), it stops watching and hyper's own handling stands.
 //! It keeps no buffer unless a head arrives split across reads.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use http::Request;
 
@@ -24,15 +25,22 @@ use crate::server::{MAX_HEADER_BYTES, MAX_HEADERS};
 /// The longest chunk-size line followed, in bytes; past it the watch stops.
 const MAX_CHUNK_LINE: usize = 4096;
 
-/// Marks a request whose head carried both `Content-Length` and `Transfer-Encoding`.
-#[derive(Clone, Copy, Debug)]
-pub struct ConflictingFraming;
+/// Marks a request the watch refuses. After one, the watch stops and the connection closes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The head carried both `Content-Length` and `Transfer-Encoding`.
+    ConflictingFraming = 1,
+    /// The head was longer than [`MAX_HEADER_BYTES`].
+    OversizedHead = 2,
+}
 
 /// What the watch over one connection found, shared with that connection's service.
 #[derive(Debug)]
 pub struct Verdicts {
-    /// The index of the conflicting request head, or `u64::MAX`.
-    conflict_at: AtomicU64,
+    /// The index of the refused request head, or `u64::MAX`.
+    refused_at: AtomicU64,
+    /// Why it was refused, as a [`Refusal`]; written before `refused_at`.
+    refusal: AtomicU8,
     /// Requests handed over by hyper so far.
     served: AtomicU64,
 }
@@ -40,20 +48,35 @@ pub struct Verdicts {
 impl Default for Verdicts {
     fn default() -> Self {
         Self {
-            conflict_at: AtomicU64::new(u64::MAX),
+            refused_at: AtomicU64::new(u64::MAX),
+            refusal: AtomicU8::new(0),
             served: AtomicU64::new(0),
         }
     }
 }
 
 impl Verdicts {
-    /// Counts one request handed over by hyper, and marks it if its head conflicted. Call it
+    /// Counts one request handed over by hyper, and marks it if its head was refused. Call it
     /// exactly once per request, in arrival order (hyper serves HTTP/1 requests in order).
     pub fn mark<B>(&self, req: &mut Request<B>) {
         let index = self.served.fetch_add(1, Ordering::Relaxed);
-        if index == self.conflict_at.load(Ordering::Acquire) {
-            req.extensions_mut().insert(ConflictingFraming);
+        if index == self.refused_at.load(Ordering::Acquire) {
+            let refusal = match self.refusal.load(Ordering::Relaxed) {
+                1 => Refusal::ConflictingFraming,
+                _ => Refusal::OversizedHead,
+            };
+            req.extensions_mut().insert(refusal);
         }
+    }
+
+    fn refuse(&self, index: u64, refusal: Refusal) {
+        self.refusal.store(refusal as u8, Ordering::Relaxed);
+        self.refused_at.store(index, Ordering::Release);
+    }
+
+    /// Requests handed over by hyper so far.
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
     }
 }
 
@@ -97,16 +120,29 @@ enum Framing {
     Fixed(u64),
     Chunked,
     Conflict,
+    TooLarge,
     Stop,
 }
 
 impl Watch {
-    fn new(verdicts: Arc<Verdicts>) -> Self {
+    /// A watch over a new connection, reporting to `verdicts`.
+    pub fn new(verdicts: Arc<Verdicts>) -> Self {
         Self {
             state: State::Head(Vec::new()),
             heads: 0,
             verdicts,
         }
+    }
+
+    /// Request heads read so far.
+    pub fn heads(&self) -> u64 {
+        self.heads
+    }
+
+    /// Whether the stream stands between messages: every request read so far is complete,
+    /// body included, and no byte of the next one has arrived.
+    pub fn between_requests(&self) -> bool {
+        matches!(&self.state, State::Head(buf) if buf.is_empty())
     }
 
     fn feed(&mut self, mut data: &[u8]) {
@@ -153,7 +189,12 @@ impl Watch {
             Framing::Chunked => State::Chunked(Chunk::size()),
             Framing::Conflict => {
                 // hyper closes the connection after this request, so nothing follows it.
-                self.verdicts.conflict_at.store(index, Ordering::Release);
+                self.verdicts.refuse(index, Refusal::ConflictingFraming);
+                State::Off
+            }
+            Framing::TooLarge => {
+                // Refused, and the connection closed after the answer.
+                self.verdicts.refuse(index, Refusal::OversizedHead);
                 State::Off
             }
             Framing::Stop => State::Off,
@@ -183,7 +224,7 @@ fn read_head(buf: &mut Vec<u8>, data: &[u8]) -> (usize, Option<Framing>) {
     buf.extend_from_slice(&data[..take]);
     match head_end(buf, old.saturating_sub(2)) {
         Some(end) => (end - old, Some(framing_of(&buf[..end]))),
-        None if buf.len() > MAX_HEADER_BYTES => (take, Some(Framing::Stop)),
+        None if buf.len() > MAX_HEADER_BYTES => (take, Some(Framing::TooLarge)),
         None => (take, None),
     }
 }
@@ -200,6 +241,9 @@ fn head_end(bytes: &[u8], from: usize) -> Option<usize> {
 
 /// Reads a complete head's framing as hyper does.
 fn framing_of(head: &[u8]) -> Framing {
+    if head.len() > MAX_HEADER_BYTES {
+        return Framing::TooLarge;
+    }
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
@@ -352,15 +396,15 @@ impl Chunk {
 mod tests {
     use super::*;
 
-    /// Feeds `wire` to a watch in pieces of `step` bytes; returns the conflicting head's index
-    /// and the heads parsed.
+    /// Feeds `wire` to a watch in pieces of `step` bytes; returns the refused head's index and
+    /// the heads parsed.
     fn watch(wire: &[u8], step: usize) -> (u64, u64) {
         let verdicts = Arc::new(Verdicts::default());
         let mut watch = Watch::new(verdicts.clone());
         for piece in wire.chunks(step) {
             watch.feed(piece);
         }
-        (verdicts.conflict_at.load(Ordering::Relaxed), watch.heads)
+        (verdicts.refused_at.load(Ordering::Relaxed), watch.heads)
     }
 
     const CONFLICT: &str = "POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n";
@@ -409,7 +453,9 @@ mod tests {
             "GET / HTTP/1.1\r\nX: {}\r\n\r\n",
             "a".repeat(MAX_HEADER_BYTES)
         );
-        assert_eq!(watch(oversized.as_bytes(), 1000), (u64::MAX, 1));
+        for step in [1000, oversized.len()] {
+            assert_eq!(watch(oversized.as_bytes(), step), (0, 1), "{step}");
+        }
     }
 
     #[test]
@@ -442,16 +488,18 @@ mod tests {
     }
 
     #[test]
-    fn marks_only_the_request_whose_head_conflicted() {
-        let verdicts = Verdicts::default();
-        verdicts.conflict_at.store(1, Ordering::Relaxed);
-        let marked: Vec<bool> = (0..3)
-            .map(|_| {
-                let mut req = Request::new(());
-                verdicts.mark(&mut req);
-                req.extensions().get::<ConflictingFraming>().is_some()
-            })
-            .collect();
-        assert_eq!(marked, [false, true, false]);
+    fn marks_only_the_refused_request_and_says_why() {
+        for refusal in [Refusal::ConflictingFraming, Refusal::OversizedHead] {
+            let verdicts = Verdicts::default();
+            verdicts.refuse(1, refusal);
+            let marked: Vec<Option<Refusal>> = (0..3)
+                .map(|_| {
+                    let mut req = Request::new(());
+                    verdicts.mark(&mut req);
+                    req.extensions().get::<Refusal>().copied()
+                })
+                .collect();
+            assert_eq!(marked, [None, Some(refusal), None]);
+        }
     }
 }

@@ -4,7 +4,9 @@
 use http::header::{self, HeaderName};
 use http::{HeaderMap, Request};
 
-use crate::framing::ConflictingFraming;
+use crate::error::ProxyError;
+use crate::framing::Refusal;
+use crate::server::MAX_HEADER_BYTES;
 
 /// The hop-by-hop headers every proxy removes, whatever `Connection` says.
 static HOP_BY_HOP: [HeaderName; 8] = [
@@ -18,7 +20,8 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
-/// Refuses ambiguous request framing, as nginx and Envoy do.
+/// Refuses ambiguous request framing, as nginx and Envoy do, and heads the [`crate::framing`]
+/// watch found over [`MAX_HEADER_BYTES`].
 ///
 /// hyper's parser already answers 400 to differing `Content-Length` values and to a request
 /// whose last transfer coding is not `chunked`. Given `Content-Length` together with
@@ -26,15 +29,27 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 /// connection after the response (RFC 9112 §6.3); the [`crate::framing`] watch marks such a
 /// request and it is refused here. This check also refuses codings stacked before `chunked`
 /// (`gzip, chunked`), which an upstream might decode differently.
-pub fn check_framing<B>(req: &Request<B>) -> Result<(), &'static str> {
-    if req.extensions().get::<ConflictingFraming>().is_some() {
-        return Err("Content-Length together with Transfer-Encoding");
+pub fn check_framing<B>(req: &Request<B>) -> Result<(), ProxyError> {
+    match req.extensions().get::<Refusal>() {
+        None => {}
+        Some(Refusal::ConflictingFraming) => {
+            return Err(ProxyError::AmbiguousFraming(
+                "Content-Length together with Transfer-Encoding",
+            ));
+        }
+        Some(Refusal::OversizedHead) => {
+            return Err(ProxyError::HeadersTooLarge {
+                limit: MAX_HEADER_BYTES,
+            });
+        }
     }
     let mut te = req.headers().get_all(header::TRANSFER_ENCODING).iter();
     match (te.next(), te.next()) {
         (None, _) => Ok(()),
         (Some(value), None) if value.as_bytes().eq_ignore_ascii_case(b"chunked") => Ok(()),
-        _ => Err("Transfer-Encoding other than a single chunked"),
+        _ => Err(ProxyError::AmbiguousFraming(
+            "Transfer-Encoding other than a single chunked",
+        )),
     }
 }
 
@@ -90,9 +105,15 @@ mod tests {
         ] {
             assert!(check_framing(&headers(bad)).is_err(), "{bad:?}");
         }
-        let mut marked = headers(&[("transfer-encoding", "chunked")]);
-        marked.extensions_mut().insert(ConflictingFraming);
-        assert!(check_framing(&marked).is_err());
+        for (refusal, status) in [
+            (Refusal::ConflictingFraming, 400),
+            (Refusal::OversizedHead, 431),
+        ] {
+            let mut marked = headers(&[("transfer-encoding", "chunked")]);
+            marked.extensions_mut().insert(refusal);
+            let refused = check_framing(&marked).expect_err("marked requests are refused");
+            assert_eq!(refused.status(), status);
+        }
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //!
 //! - [`config`]: `proxy.toml`, its defaults and validation.
 //! - [`gateway`]: the [`Gateway`]: what a config builds, as one snapshot that reloads swap.
-//! - [`server`]: listeners, the accept loop, graceful shutdown.
+//! - [`server`]: listeners, the accept loop, graceful shutdown; [`hibernate`]: idle HTTP/1
+//!   keep-alive connections give their buffers back.
 //! - [`stack`]: the request path, assembled in one place. Its layers, outside-in:
 //!   [`rescue`] (errors → JSON), [`access`] (allowed clients, shared key; a tower filter),
 //!   load shedding (tower), [`tunnel`] (CONNECT to listed targets, through [`ssrf`]),
@@ -35,6 +36,7 @@ pub mod demo;
 pub mod error;
 pub mod framing;
 pub mod gateway;
+pub mod hibernate;
 pub mod hop;
 pub mod metrics;
 pub mod observe;

@@ -58,6 +58,7 @@ pub struct Metrics {
     exchange_duration: Histogram,
     token_expiry: Family<CredentialLabels, Gauge<f64, AtomicU64>>,
     backoff_active: Family<CredentialLabels, Gauge>,
+    hibernating: Gauge,
 }
 
 impl Metrics {
@@ -71,6 +72,7 @@ impl Metrics {
         let exchange_duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
         let token_expiry = Family::default();
         let backoff_active = Family::default();
+        let hibernating = Gauge::default();
         registry.register(
             "requests",
             "Requests answered, by route and status",
@@ -106,6 +108,11 @@ impl Metrics {
             "1 while the credential backs off after a failed exchange",
             backoff_active.clone(),
         );
+        registry.register(
+            "connections_hibernating",
+            "Idle HTTP/1 keep-alive client connections holding no buffers",
+            hibernating.clone(),
+        );
         Arc::new(Self {
             registry,
             requests,
@@ -115,7 +122,13 @@ impl Metrics {
             exchange_duration,
             token_expiry,
             backoff_active,
+            hibernating,
         })
+    }
+
+    /// The gauge of hibernating client connections ([`crate::hibernate`]).
+    pub fn hibernating(&self) -> Gauge {
+        self.hibernating.clone()
     }
 
     /// Records one exchange of `credential`.

@@ -17,6 +17,10 @@ pub trait Observer {
     fn wrote(&mut self, n: usize) {
         let _ = n;
     }
+    /// A write or flush just returned: `pending` if it waits on the peer (bytes still queued).
+    fn writing(&mut self, pending: bool) {
+        let _ = pending;
+    }
 }
 
 pin_project! {
@@ -32,6 +36,16 @@ impl<IO, O> Observed<IO, O> {
     /// Shows `observer` what passes through `io`.
     pub fn new(io: IO, observer: O) -> Self {
         Self { io, observer }
+    }
+
+    /// The stream itself.
+    pub fn get_ref(&self) -> &IO {
+        &self.io
+    }
+
+    /// The stream and its observer, apart.
+    pub fn into_parts(self) -> (IO, O) {
+        (self.io, self.observer)
     }
 }
 
@@ -75,7 +89,10 @@ impl<IO: AsyncWrite, O: Observer> AsyncWrite for Observed<IO, O> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().io.poll_flush(cx)
+        let this = self.project();
+        let polled = this.io.poll_flush(cx);
+        this.observer.writing(polled.is_pending());
+        polled
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -90,5 +107,6 @@ fn wrote<O: Observer>(
     if let Poll::Ready(Ok(n @ 1..)) = polled {
         observer.wrote(n);
     }
+    observer.writing(polled.is_pending());
     polled
 }

@@ -227,7 +227,7 @@ pub fn route_request<B>(routes: &Routes, req: &mut Request<B>) -> Result<(), Pro
     if req.method() == Method::CONNECT || req.method() == Method::TRACE {
         return Err(ProxyError::MethodNotAllowed(req.method().clone()));
     }
-    crate::hop::check_framing(req).map_err(ProxyError::AmbiguousFraming)?;
+    crate::hop::check_framing(req)?;
     // HTTP/1 absolute-form (`GET http://host/x`) is how an HTTP_PROXY client speaks; HTTP/2
     // always carries :authority, so there only the scheme-less origin form exists.
     let absolute_form = req.version() < Version::HTTP_2 && req.uri().scheme().is_some();

@@ -9,11 +9,13 @@ use std::time::Duration;
 use http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tower::{Service, ServiceExt};
 use tower_http::add_extension::AddExtension;
@@ -23,7 +25,7 @@ use crate::config::ServerConfig;
 use crate::error::BoxError;
 use crate::framing::{self, Verdicts, Watched};
 use crate::gateway::Gateway;
-use crate::{admin, stack, tls};
+use crate::{admin, hibernate, stack, tls};
 
 /// The most connections the admin listener serves at once.
 pub const MAX_ADMIN_CONNECTIONS: usize = 64;
@@ -47,6 +49,8 @@ pub const H2_MAX_PENDING_RESETS: usize = 20;
 pub const H2_KEEPALIVE: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(10));
 /// The pause after a failed `accept` (e.g. out of file descriptors).
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// The client preface of HTTP/2 with prior knowledge.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 impl Gateway {
     /// Binds the configured listeners and starts serving.
@@ -66,7 +70,7 @@ impl Gateway {
         let snapshot = self.snapshot();
         let server = &snapshot.config.server;
         let (stop, stopped) = watch::channel(false);
-        let http = Arc::new(http_builder(server));
+        let http = Arc::new(Http::new(server, self.metrics().hibernating()));
         let mut tasks = JoinSet::new();
         let service = stack::proxy(
             self.shared(),
@@ -98,6 +102,7 @@ impl Gateway {
             tls: None,
         };
         let service = admin::service(self.shared(), self.metrics());
+        let http = Arc::new(Http::new(server, Gauge::default()));
         tasks.spawn(serve(admin, service, http, stopped, limits));
         tracing::info!(%proxy_addr, %admin_addr, routes = snapshot.config.routes.len(), "tokengate serving");
         Ok(Running {
@@ -136,15 +141,51 @@ impl Running {
     }
 }
 
-fn http_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(server.header_read_timeout)
-        .max_buf_size(MAX_HEADER_BYTES)
-        .max_headers(MAX_HEADERS)
-        .keep_alive(true);
+/// How a listener speaks HTTP to its clients.
+pub struct Http {
+    /// Plain-TCP HTTP/1 clients, served with hibernation ([`hibernate`]).
+    http1: Arc<hibernate::Http1>,
+    /// Everyone else (TLS clients, HTTP/2 with prior knowledge): HTTP/1 or HTTP/2 as they speak.
+    auto: auto::Builder<TokioExecutor>,
+    /// How long a client may take to send its first bytes, or idle between requests.
+    header_read_timeout: Duration,
+}
+
+/// The HTTP/1 settings, for hyper's builder and for hyper-util's view of one (the same methods,
+/// but no trait in common).
+macro_rules! http1_settings {
+    ($builder:expr, $server:expr) => {
+        $builder
+            .timer(TokioTimer::new())
+            .header_read_timeout($server.header_read_timeout)
+            .max_buf_size(MAX_HEADER_BYTES)
+            .max_headers(MAX_HEADERS)
+            .keep_alive(true)
+    };
+}
+
+impl Http {
+    /// Both builders, with the same HTTP/1 settings; `hibernating` counts the listener's
+    /// hibernating connections.
+    pub fn new(server: &ServerConfig, hibernating: Gauge) -> Self {
+        let mut builder = http1::Builder::new();
+        http1_settings!(builder, server);
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        http1_settings!(auto.http1(), server);
+        http2_settings(&mut auto);
+        Self {
+            http1: Arc::new(hibernate::Http1 {
+                builder,
+                idle_timeout: server.header_read_timeout,
+                hibernating,
+            }),
+            auto,
+            header_read_timeout: server.header_read_timeout,
+        }
+    }
+}
+
+fn http2_settings(builder: &mut auto::Builder<TokioExecutor>) {
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -156,7 +197,6 @@ fn http_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
         .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
         .keep_alive_interval(H2_KEEPALIVE.0)
         .keep_alive_timeout(H2_KEEPALIVE.1);
-    builder
 }
 
 /// The bounds of one listener, and its TLS.
@@ -184,17 +224,17 @@ pub struct InboundTls {
 pub async fn serve<S, B>(
     listener: TcpListener,
     service: S,
-    http: Arc<auto::Builder<TokioExecutor>>,
+    http: Arc<Http>,
     mut stop: watch::Receiver<bool>,
     limits: ServeLimits,
 ) where
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
+        + Unpin
         + 'static,
     S::Future: Send + 'static,
-    B: Body + Send + 'static,
-    B::Data: Send,
+    B: Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
@@ -227,32 +267,40 @@ pub async fn serve<S, B>(
                 marking.mark(&mut req);
                 req
             });
-        let service = TowerToHyperService::new(AddExtension::new(service, ClientAddr(peer)));
+        let service = AddExtension::new(service, ClientAddr(peer));
         let (http, stop, tls) = (http.clone(), stop.clone(), limits.tls.clone());
         tokio::spawn(async move {
-            let _permit = permit;
-            let served = match tls {
-                None => serve_one(&http, io(stream, verdicts), service, stop).await,
+            match tls {
+                None => match speaks_http1(&stream, http.header_read_timeout).await {
+                    // Its own task: nothing of this one stays with a long-lived idle connection.
+                    Some(true) => {
+                        let serving = http.http1.clone().serve(stream, verdicts, service, stop);
+                        tokio::spawn(served(peer, permit, serving));
+                    }
+                    Some(false) => {
+                        let service = TowerToHyperService::new(service);
+                        let serving = serve_one(&http.auto, io(stream, verdicts), service, stop);
+                        served(peer, permit, Box::pin(serving)).await;
+                    }
+                    None => {}
+                },
                 Some(tls) => {
-                    match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream))
-                        .await
-                    {
+                    let handshake = tls.acceptor.accept(stream);
+                    match tokio::time::timeout(tls.handshake_timeout, Box::pin(handshake)).await {
                         Ok(Ok(stream)) => {
-                            serve_one(&http, io(stream, verdicts), service, stop).await
+                            let service = TowerToHyperService::new(service);
+                            let serving =
+                                serve_one(&http.auto, io(stream, verdicts), service, stop);
+                            served(peer, permit, Box::pin(serving)).await;
                         }
                         Ok(Err(error)) => {
                             tracing::debug!(%peer, %error, "TLS handshake failed");
-                            return;
                         }
                         Err(_) => {
                             tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
                         }
                     }
                 }
-            };
-            if let Err(error) = served {
-                tracing::debug!(%peer, %error, "connection ended with an error");
             }
         });
     }
@@ -264,6 +312,17 @@ pub async fn serve<S, B>(
         .is_err()
     {
         tracing::warn!("shutdown grace over; closing connections");
+    }
+}
+
+/// Runs a connection's `serving` to its end, holding its connection `permit` until then.
+async fn served(
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+    serving: impl Future<Output = Result<(), BoxError>>,
+) {
+    if let Err(error) = serving.await {
+        tracing::debug!(%peer, %error, "connection ended with an error");
     }
 }
 
@@ -292,6 +351,19 @@ where
     }
     conn.as_mut().graceful_shutdown();
     conn.await
+}
+
+/// Whether a plain-TCP client speaks HTTP/1, from its first bytes (peeked, so hyper still reads
+/// them): anything that does not start like the HTTP/2 preface does. `None` if the client sends
+/// nothing within `timeout`, or the socket fails.
+async fn speaks_http1(stream: &TcpStream, timeout: Duration) -> Option<bool> {
+    let mut first = [0u8; H2_PREFACE.len()];
+    let n = tokio::time::timeout(timeout, stream.peek(&mut first))
+        .await
+        .ok()?
+        .ok()?;
+    // Nothing (the client closed) or a part of the preface: hyper-util's sniffing decides.
+    Some(n > 0 && first[..n] != H2_PREFACE[..n])
 }
 
 /// A client connection as hyper reads it: through the framing watch.

@@ -1692,3 +1692,101 @@ async fn curl_through_a_tunnel_reaches_the_upstream_without_a_token() {
     assert_eq!(h.upstream.unauthorized(), 1);
     assert_eq!(h.auth.requests(), 0);
 }
+
+/// Reads one HTTP/1.1 response with a `Content-Length` body from `stream`; returns the status
+/// and the body.
+async fn read_response(stream: &mut tokio::io::BufReader<tokio::net::TcpStream>) -> (u16, Bytes) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let (mut status, mut length) = (0, 0);
+    loop {
+        let mut line = String::new();
+        assert!(
+            stream.read_line(&mut line).await.unwrap() > 0,
+            "connection closed"
+        );
+        let line = line.trim_end().to_ascii_lowercase();
+        if line.is_empty() {
+            break;
+        }
+        if let Some(code) = line.strip_prefix("http/1.1 ") {
+            status = code[..3].parse().unwrap();
+        } else if let Some(n) = line.strip_prefix("content-length: ") {
+            length = n.parse().unwrap();
+        }
+    }
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body).await.unwrap();
+    (status, body.into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_hibernate_and_lose_nothing_when_they_wake() {
+    use tokio::io::AsyncWriteExt;
+    let h = Harness::start().await;
+    let admin = client();
+    let hibernating = || async {
+        let (_, _, body) = send(&admin, get(&format!("http://{}/metrics", h.admin))).await;
+        String::from_utf8(body.to_vec())
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("tokengate_connections_hibernating "))
+            .expect("the gauge is exported")
+            .parse::<u64>()
+            .unwrap()
+    };
+    let until_hibernating = || async {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while hibernating().await != 1 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("the idle connection hibernates");
+    };
+    let stream = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
+    let mut stream = tokio::io::BufReader::new(stream);
+    stream
+        .get_mut()
+        .write_all(b"GET /bytes/10 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, body) = read_response(&mut stream).await;
+    assert_eq!((status, &body[..]), (200, &pattern(10)[..]));
+    until_hibernating().await;
+
+    // It wakes for the next request. That one stays in flight across several hibernation
+    // ticks, and its answer still arrives: a connection with a request in flight never
+    // hibernates.
+    stream
+        .get_mut()
+        .write_all(b"GET /slow/800 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, body) = read_response(&mut stream).await;
+    assert_eq!(status, 200);
+    assert_eq!(json(&body)["slept_ms"], 800);
+    until_hibernating().await;
+
+    // A head that stops halfway is kept while the client pauses, and completed.
+    let w = stream.get_mut();
+    w.write_all(b"GET /bytes/5 HTTP/1.1\r\nHo").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    w.write_all(b"st: a\r\n\r\n").await.unwrap();
+    let (status, body) = read_response(&mut stream).await;
+    assert_eq!((status, &body[..]), (200, &pattern(5)[..]));
+
+    // Pipelined requests, in one write, are all answered in order.
+    stream
+        .get_mut()
+        .write_all(
+            b"GET /bytes/3 HTTP/1.1\r\nHost: a\r\n\r\nGET /bytes/4 HTTP/1.1\r\nHost: a\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    for n in [3, 4] {
+        let (status, body) = read_response(&mut stream).await;
+        assert_eq!((status, &body[..]), (200, &pattern(n)[..]));
+    }
+    until_hibernating().await;
+    assert_eq!(h.upstream.requests(), 5);
+}

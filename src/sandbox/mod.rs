@@ -213,7 +213,7 @@ impl Handle {
 /// Serves `handler` on `listener` until the returned handle is dropped.
 fn spawn<F, Fut>(listener: TcpListener, handler: F) -> std::io::Result<Handle>
 where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + Unpin + 'static,
     Fut: Future<Output = Response<SandboxBody>> + Send + 'static,
 {
     let addr = listener.local_addr()?;
@@ -222,8 +222,9 @@ where
         let handler = handler.clone();
         async move { Ok::<_, Infallible>(handler(req).await) }
     });
-    let http = Arc::new(hyper_util::server::conn::auto::Builder::new(
-        hyper_util::rt::TokioExecutor::new(),
+    let http = Arc::new(crate::server::Http::new(
+        &crate::config::ServerConfig::default(),
+        Default::default(),
     ));
     let limits = crate::server::ServeLimits {
         max_connections: SANDBOX_MAX_CONNECTIONS,
