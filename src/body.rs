@@ -16,6 +16,7 @@ use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
 use crate::error::ProxyError;
+use crate::pool::Checkin;
 
 /// Which peer a streamed body comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +114,8 @@ pub struct Guarded {
     idle: Duration,
     timer: Pin<Box<Sleep>>,
     waiting: bool,
+    /// The upstream connection to give back to its pool when this body ends.
+    checkin: Option<Checkin>,
 }
 
 impl Guarded {
@@ -126,7 +129,19 @@ impl Guarded {
             idle,
             timer: Box::pin(tokio::time::sleep(idle)),
             waiting: false,
+            checkin: None,
         }
+    }
+
+    /// Gives `checkin`'s connection back to its pool when the body has been read to its end
+    /// (at once if it is empty). A body dropped before its end takes the connection with it.
+    pub fn returning(mut self, checkin: Checkin) -> Self {
+        if self.inner.is_end_stream() {
+            checkin.done();
+        } else {
+            self.checkin = Some(checkin);
+        }
+        self
     }
 }
 
@@ -157,7 +172,12 @@ impl Body for Guarded {
         };
         this.waiting = false;
         let frame = match frame {
-            None => return Poll::Ready(None),
+            None => {
+                if let Some(checkin) = this.checkin.take() {
+                    checkin.done();
+                }
+                return Poll::Ready(None);
+            }
             Some(Err(e)) => return Poll::Ready(Some(Err(BodyError::Transport(e)))),
             Some(Ok(frame)) => frame,
         };
@@ -166,6 +186,12 @@ impl Body for Guarded {
             if this.read > this.limit {
                 return Poll::Ready(Some(Err(BodyError::TooLarge { limit: this.limit })));
             }
+        }
+        // hyper stops polling a body of known length after its last byte, without a `None`.
+        if this.inner.is_end_stream()
+            && let Some(checkin) = this.checkin.take()
+        {
+            checkin.done();
         }
         Poll::Ready(Some(Ok(frame)))
     }

@@ -38,7 +38,7 @@ pub enum ProxyError {
     },
     /// Connecting to the upstream, or talking to it, failed.
     #[error("upstream unreachable")]
-    UpstreamUnreachable(#[source] hyper_util::client::legacy::Error),
+    UpstreamUnreachable(#[source] BoxError),
     /// The SSRF guard refused a tunnel target (its address class is named, not the address).
     #[error("tunnel target denied: {0}")]
     TunnelDenied(crate::ssrf::Denied),

@@ -12,6 +12,7 @@ use crate::auth::cache::TokenSource;
 use crate::auth::exchange::{ExchangeParams, Exchanger};
 use crate::config::{Config, ConfigError, CredentialSecrets, SecretEnv, ServerConfig};
 use crate::metrics::Metrics;
+use crate::pool::Pool;
 use crate::route::{Route, RouteSpec, Routes};
 use crate::ssrf::{Resolve, SystemResolver};
 use crate::upstream::UpstreamClient;
@@ -216,15 +217,27 @@ fn build(
         required_header: config.resolve_client_key(env, file)?.map(Arc::new),
     };
 
+    // One hyper-util client per set of TLS roots; one pool per plain-HTTP upstream host.
     let mut clients: HashMap<Option<PathBuf>, UpstreamClient> = HashMap::new();
+    let mut pools: HashMap<http::uri::Authority, UpstreamClient> = HashMap::new();
     let mut routes = Vec::with_capacity(config.routes.len());
     for (i, r) in config.routes.iter().enumerate() {
-        let client = match clients.get(&r.ca_file) {
-            Some(c) => c.clone(),
-            None => {
+        let plain = match (r.upstream.0.scheme_str(), r.upstream.0.authority()) {
+            (Some("http"), Some(authority)) => Some(authority.clone()),
+            _ => None,
+        };
+        let client = match (plain, clients.get(&r.ca_file)) {
+            (Some(authority), _) => pools
+                .entry(authority.clone())
+                .or_insert_with(|| {
+                    UpstreamClient::Plain(Pool::new(authority, config.server.connect_timeout))
+                })
+                .clone(),
+            (None, Some(c)) => c.clone(),
+            (None, None) => {
                 let connector = tls::connector(r.ca_file.as_deref(), config.server.connect_timeout)
                     .map_err(|e| err(format!("routes[{i}].ca_file"), e.to_string()))?;
-                let c = upstream::client(connector);
+                let c = UpstreamClient::Tls(Arc::new(upstream::client(connector)));
                 clients.insert(r.ca_file.clone(), c.clone());
                 c
             }

@@ -15,7 +15,7 @@
 //!   load shedding (tower), [`tunnel`] (CONNECT to listed targets, through [`ssrf`]),
 //!   [`route`] (match, rewrite, hop-by-hop; a tower filter), [`body`]
 //!   (limits, replayable bodies), [`retry`] (once on 401), [`auth::inject`] (bearer),
-//!   [`upstream`] (pooled client).
+//!   [`upstream`] (pooled clients; [`pool`]: the one for plain-HTTP upstreams).
 //! - [`error`]: every request-path error and the one place it becomes a response.
 //! - [`auth`]: the exchange ([`auth::exchange`], [`auth::crypto`]), [`auth::token`] and the
 //!   token cache ([`auth::cache`]).
@@ -40,6 +40,7 @@ pub mod hibernate;
 pub mod hop;
 pub mod metrics;
 pub mod observe;
+pub mod pool;
 pub mod rescue;
 pub mod retry;
 pub mod route;

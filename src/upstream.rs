@@ -1,17 +1,21 @@
-//! The upstream client: hyper-util's pooled client over rustls, bounded by `request_timeout`,
-//! with hop-by-hop headers removed from the response.
+//! The upstream client: tokengate's own connection pool for plain-HTTP upstreams ([`Pool`]),
+//! hyper-util's pooled client over rustls for HTTPS ones; bounded by `request_timeout`, with
+//! hop-by-hop headers removed from the response.
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use http::Request;
+use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower::Service;
 
 use crate::body::{BodyError, Guarded, ProxyBody, ProxyResponse, Side};
-use crate::error::ProxyError;
+use crate::error::{BoxError, ProxyError};
+use crate::pool::{Checkin, Pool, PoolError};
 use crate::route::RouteCtx;
 use crate::tls::Connector;
 
@@ -20,11 +24,17 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// The most idle pooled connections kept per upstream host.
 pub const POOL_MAX_IDLE_PER_HOST: usize = 256;
 
-/// A pooled client for one set of TLS roots.
-pub type UpstreamClient = Client<Connector, ProxyBody>;
+/// How a route reaches its upstream.
+#[derive(Clone, Debug)]
+pub enum UpstreamClient {
+    /// `http://`: tokengate's own pool of HTTP/1.1 connections to that host.
+    Plain(Arc<Pool>),
+    /// `https://`: hyper-util's pooled client with these TLS roots (HTTP/1.1 or HTTP/2 by ALPN).
+    Tls(Arc<Client<Connector, ProxyBody>>),
+}
 
-/// Builds a pooled upstream client over `connector`.
-pub fn client(connector: Connector) -> UpstreamClient {
+/// Builds hyper-util's pooled client over `connector`, for HTTPS upstreams.
+pub fn client(connector: Connector) -> Client<Connector, ProxyBody> {
     Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
@@ -32,18 +42,31 @@ pub fn client(connector: Connector) -> UpstreamClient {
         .build(connector)
 }
 
-/// Classifies a failed send: the client's body gave out (413/408/400), the connect attempt timed
-/// out (504), or the upstream could not be reached or talked to (502).
-fn send_error(error: hyper_util::client::legacy::Error, connect_timeout: Duration) -> ProxyError {
-    let mut source = std::error::Error::source(&error);
+/// The error for a client body that gave out while it was being sent (413/408/400), if that is
+/// what `error` comes down to.
+fn body_error(error: &(dyn std::error::Error + 'static)) -> Option<ProxyError> {
+    let mut source = Some(error);
     while let Some(e) = source {
         if let Some(body) = e.downcast_ref::<BodyError>() {
-            return match body {
+            return Some(match body {
                 BodyError::TooLarge { limit } => ProxyError::BodyTooLarge { limit: *limit },
                 BodyError::Idle { after, .. } => ProxyError::ClientTimeout(*after),
                 BodyError::Transport(_) => ProxyError::BadRequest("client body broke off"),
-            };
+            });
         }
+        source = e.source();
+    }
+    None
+}
+
+/// Classifies a failed send through hyper-util: the client's body gave out, the connect
+/// attempt timed out (504), or the upstream could not be reached or talked to (502).
+fn client_error(error: hyper_util::client::legacy::Error, connect_timeout: Duration) -> ProxyError {
+    if let Some(e) = body_error(&error) {
+        return e;
+    }
+    let mut source = std::error::Error::source(&error);
+    while let Some(e) = source {
         if let Some(io) = e.downcast_ref::<std::io::Error>()
             && error.is_connect()
             && io.kind() == std::io::ErrorKind::TimedOut
@@ -52,12 +75,22 @@ fn send_error(error: hyper_util::client::legacy::Error, connect_timeout: Duratio
         }
         source = e.source();
     }
-    ProxyError::UpstreamUnreachable(error)
+    ProxyError::UpstreamUnreachable(Box::new(error))
+}
+
+/// Classifies a failed send through a [`Pool`], as [`client_error`] does.
+fn pool_error(error: PoolError, connect_timeout: Duration) -> ProxyError {
+    match error {
+        PoolError::ConnectTimeout(_) => ProxyError::UpstreamTimeout(connect_timeout),
+        PoolError::Send(e) => body_error(&e)
+            .unwrap_or_else(|| ProxyError::UpstreamUnreachable(Box::new(PoolError::Send(e)))),
+        connect => ProxyError::UpstreamUnreachable(Box::new(connect) as BoxError),
+    }
 }
 
 /// Sends each routed request to its route's upstream, waits at most `timeout` for the head,
 /// and guards the response body with `body_idle` (a stalled upstream is cut off). A connect that
-/// times out (after `connect_timeout`, set on the route's connector) is a 504 too.
+/// times out (after `connect_timeout`) is a 504 too.
 #[derive(Debug, Clone, Copy)]
 pub struct Upstream {
     timeout: Duration,
@@ -95,20 +128,36 @@ impl Service<Request<ProxyBody>> for Upstream {
                 "request without a route",
             ))));
         };
-        let sent = client.request(req);
         let Self {
             timeout,
             connect_timeout,
             body_idle,
         } = *self;
         Box::pin(async move {
-            let response = tokio::time::timeout(timeout, sent)
-                .await
-                .map_err(|_| ProxyError::UpstreamTimeout(timeout))?
-                .map_err(|e| send_error(e, connect_timeout))?;
+            let sent = async {
+                match client {
+                    UpstreamClient::Plain(pool) => pool
+                        .send(req)
+                        .await
+                        .map(|(response, checkin)| (response, Some(checkin)))
+                        .map_err(|e| pool_error(e, connect_timeout)),
+                    UpstreamClient::Tls(client) => client
+                        .request(req)
+                        .await
+                        .map(|response| (response, None))
+                        .map_err(|e| client_error(e, connect_timeout)),
+                }
+            };
+            let (response, checkin): (http::Response<Incoming>, Option<Checkin>) =
+                tokio::time::timeout(timeout, sent)
+                    .await
+                    .map_err(|_| ProxyError::UpstreamTimeout(timeout))??;
             let (mut parts, body) = response.into_parts();
             crate::hop::strip(&mut parts.headers);
-            let body = Guarded::new(body, Side::Upstream, u64::MAX, body_idle);
+            let mut body = Guarded::new(body, Side::Upstream, u64::MAX, body_idle);
+            if let Some(checkin) = checkin {
+                body = body.returning(checkin);
+            }
             Ok(ProxyResponse::from_parts(parts, ProxyBody::Streaming(body)))
         })
     }
