@@ -112,7 +112,8 @@ pub struct Guarded {
     limit: u64,
     read: u64,
     idle: Duration,
-    timer: Pin<Box<Sleep>>,
+    /// Made at the first wait: a body whose frames are always ready (most small ones) needs none.
+    timer: Option<Pin<Box<Sleep>>>,
     waiting: bool,
     /// The upstream connection to give back to its pool when this body ends.
     checkin: Option<Checkin>,
@@ -127,7 +128,7 @@ impl Guarded {
             limit,
             read: 0,
             idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
+            timer: None,
             waiting: false,
             checkin: None,
         }
@@ -154,15 +155,20 @@ impl Body for Guarded {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        // The idle clock measures one wait for the peer, not time the reader spent elsewhere.
-        if !this.waiting {
-            this.waiting = true;
-            let deadline = Instant::now() + this.idle;
-            this.timer.as_mut().reset(deadline);
-        }
         let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Pending => {
-                ready!(this.timer.as_mut().poll(cx));
+                // The idle clock measures one wait for the peer (from the first poll that found
+                // nothing), not time the reader spent elsewhere.
+                let timer = match &mut this.timer {
+                    Some(timer) if this.waiting => timer,
+                    Some(timer) => {
+                        timer.as_mut().reset(Instant::now() + this.idle);
+                        timer
+                    }
+                    slot @ None => slot.insert(Box::pin(tokio::time::sleep(this.idle))),
+                };
+                this.waiting = true;
+                ready!(timer.as_mut().poll(cx));
                 return Poll::Ready(Some(Err(BodyError::Idle {
                     side: this.side,
                     after: this.idle,

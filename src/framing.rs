@@ -214,9 +214,15 @@ fn read_head(buf: &mut Vec<u8>, data: &[u8]) -> (usize, Option<Framing>) {
         if blank > 0 {
             return (blank, None);
         }
-        // The usual case: the whole head in one read, parsed where it lies.
-        if let Some(end) = head_end(data, 0) {
-            return (end, Some(framing_of(&data[..end])));
+        // The usual case: the whole head in one read, parsed once, where it lies.
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        if let Ok(httparse::Status::Complete(end)) = req.parse(data) {
+            let framing = match end {
+                ..=MAX_HEADER_BYTES => framing_from(&req),
+                _ => Framing::TooLarge,
+            };
+            return (end, Some(framing));
         }
     }
     let old = buf.len();
@@ -249,6 +255,11 @@ fn framing_of(head: &[u8]) -> Framing {
     if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
         return Framing::Stop;
     }
+    framing_from(&req)
+}
+
+/// Reads a parsed head's framing as hyper does.
+fn framing_from(req: &httparse::Request<'_, '_>) -> Framing {
     if req.method == Some("CONNECT") {
         // A tunnel may follow, which is no longer HTTP.
         return Framing::Stop;
