@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
@@ -316,14 +317,18 @@ pub async fn serve<S, B>(
 }
 
 /// Runs a connection's `serving` to its end, holding its connection `permit` until then.
-async fn served(
+/// (A combinator, not an `async fn`: that would hold `serving` twice, as argument and awaitee.)
+fn served(
     peer: SocketAddr,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
     serving: impl Future<Output = Result<(), BoxError>>,
-) {
-    if let Err(error) = serving.await {
-        tracing::debug!(%peer, %error, "connection ended with an error");
-    }
+) -> impl Future<Output = ()> {
+    serving.map(move |ended| {
+        drop(permit);
+        if let Err(error) = ended {
+            tracing::debug!(%peer, %error, "connection ended with an error");
+        }
+    })
 }
 
 /// Serves one connection (upgrades allowed, for CONNECT tunnels) until it ends; once `stop`
