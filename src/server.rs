@@ -269,10 +269,10 @@ pub async fn serve<S, B>(
                 req
             });
         let service = AddExtension::new(service, ClientAddr(peer));
-        let (http, stop, tls) = (http.clone(), stop.clone(), limits.tls.clone());
+        let (http, mut stop, tls) = (http.clone(), stop.clone(), limits.tls.clone());
         tokio::spawn(async move {
             match tls {
-                None => match speaks_http1(&stream, http.header_read_timeout).await {
+                None => match speaks_http1(&stream, http.header_read_timeout, &mut stop).await {
                     // Its own task: nothing of this one stays with a long-lived idle connection.
                     Some(true) => {
                         let serving = http.http1.clone().serve(stream, verdicts, service, stop);
@@ -360,13 +360,17 @@ where
 
 /// Whether a plain-TCP client speaks HTTP/1, from its first bytes (peeked, so hyper still reads
 /// them): anything that does not start like the HTTP/2 preface does. `None` if the client sends
-/// nothing within `timeout`, or the socket fails.
-async fn speaks_http1(stream: &TcpStream, timeout: Duration) -> Option<bool> {
+/// nothing within `timeout` or before `stop` flips, or the socket fails.
+async fn speaks_http1(
+    stream: &TcpStream,
+    timeout: Duration,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<bool> {
     let mut first = [0u8; H2_PREFACE.len()];
-    let n = tokio::time::timeout(timeout, stream.peek(&mut first))
-        .await
-        .ok()?
-        .ok()?;
+    let n = tokio::select! {
+        peeked = tokio::time::timeout(timeout, stream.peek(&mut first)) => peeked.ok()?.ok()?,
+        _ = stop.wait_for(|stopped| *stopped) => return None,
+    };
     // Nothing (the client closed) or a part of the preface: hyper-util's sniffing decides.
     Some(n > 0 && first[..n] != H2_PREFACE[..n])
 }

@@ -1790,3 +1790,27 @@ async fn idle_keep_alive_connections_hibernate_and_lose_nothing_when_they_wake()
     until_hibernating().await;
     assert_eq!(h.upstream.requests(), 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_connections_that_never_sent_a_byte_or_idle_between_requests() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut h =
+        Harness::with_server("header_read_timeout = \"60s\"\nshutdown_grace = \"60s\"").await;
+    let mut silent = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
+    let mut idle =
+        tokio::io::BufReader::new(tokio::net::TcpStream::connect(h.proxy).await.unwrap());
+    idle.get_mut()
+        .write_all(b"GET /bytes/1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut idle).await.0, 200);
+    let running = h.running.take().unwrap();
+    // Neither connection has a request in flight: shutdown need not wait for them (it would
+    // wait the whole 60 s grace, or the 60 s head timeout, if it did).
+    tokio::time::timeout(Duration::from_secs(20), running.shutdown())
+        .await
+        .expect("shutdown waited on connections without requests");
+    let mut buf = [0u8; 16];
+    assert_eq!(silent.read(&mut buf).await.unwrap_or(0), 0, "closed");
+    assert_eq!(idle.read(&mut buf).await.unwrap_or(0), 0, "closed");
+}
