@@ -16,7 +16,6 @@ use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
 use crate::error::ProxyError;
-use crate::pool::Checkin;
 
 /// Which peer a streamed body comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +46,9 @@ pub enum BodyError {
     /// The connection failed.
     #[error("body transport failed")]
     Transport(#[source] hyper::Error),
+    /// The upstream's response body broke off or was malformed.
+    #[error("upstream body failed")]
+    Upstream(#[source] crate::h1::Error),
 }
 
 /// A body in either direction: bytes the proxy holds whole, or a guarded stream from a peer.
@@ -103,11 +105,50 @@ impl Body for ProxyBody {
     }
 }
 
+/// A body streaming from a peer: hyper's (a client's request body, or a response through
+/// hyper's client), or a response read by tokengate's own upstream client ([`crate::h1`]).
+#[derive(Debug)]
+pub enum PeerBody {
+    /// Through hyper.
+    Hyper(Incoming),
+    /// Through [`crate::h1`].
+    H1(crate::h1::Body),
+}
+
+impl Body for PeerBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            Self::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::Transport),
+            Self::H1(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::Upstream),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Hyper(body) => body.is_end_stream(),
+            Self::H1(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Hyper(body) => body.size_hint(),
+            Self::H1(body) => body.size_hint(),
+        }
+    }
+}
+
 /// A peer's body held to a byte limit and an idle timeout: waiting longer than `idle` for the
 /// next frame fails it with [`BodyError::Idle`].
 #[derive(Debug)]
 pub struct Guarded {
-    inner: Incoming,
+    inner: PeerBody,
     side: Side,
     limit: u64,
     read: u64,
@@ -115,13 +156,11 @@ pub struct Guarded {
     /// Made at the first wait: a body whose frames are always ready (most small ones) needs none.
     timer: Option<Pin<Box<Sleep>>>,
     waiting: bool,
-    /// The upstream connection to give back to its pool when this body ends.
-    checkin: Option<Checkin>,
 }
 
 impl Guarded {
     /// Guards `inner` from `side` with a byte `limit` and an `idle` timeout.
-    pub fn new(inner: Incoming, side: Side, limit: u64, idle: Duration) -> Self {
+    pub fn new(inner: PeerBody, side: Side, limit: u64, idle: Duration) -> Self {
         Self {
             inner,
             side,
@@ -130,19 +169,7 @@ impl Guarded {
             idle,
             timer: None,
             waiting: false,
-            checkin: None,
         }
-    }
-
-    /// Gives `checkin`'s connection back to its pool when the body has been read to its end
-    /// (at once if it is empty). A body dropped before its end takes the connection with it.
-    pub fn returning(mut self, checkin: Checkin) -> Self {
-        if self.inner.is_end_stream() {
-            checkin.done();
-        } else {
-            self.checkin = Some(checkin);
-        }
-        self
     }
 }
 
@@ -178,13 +205,8 @@ impl Body for Guarded {
         };
         this.waiting = false;
         let frame = match frame {
-            None => {
-                if let Some(checkin) = this.checkin.take() {
-                    checkin.done();
-                }
-                return Poll::Ready(None);
-            }
-            Some(Err(e)) => return Poll::Ready(Some(Err(BodyError::Transport(e)))),
+            None => return Poll::Ready(None),
+            Some(Err(e)) => return Poll::Ready(Some(Err(e))),
             Some(Ok(frame)) => frame,
         };
         if let Some(data) = frame.data_ref() {
@@ -192,12 +214,6 @@ impl Body for Guarded {
             if this.read > this.limit {
                 return Poll::Ready(Some(Err(BodyError::TooLarge { limit: this.limit })));
             }
-        }
-        // hyper stops polling a body of known length after its last byte, without a `None`.
-        if this.inner.is_end_stream()
-            && let Some(checkin) = this.checkin.take()
-        {
-            checkin.done();
         }
         Poll::Ready(Some(Ok(frame)))
     }
@@ -286,7 +302,7 @@ where
             .exact()
             .is_some_and(|len| len <= limits.max_replay_body);
         let body = Guarded::new(
-            body,
+            PeerBody::Hyper(body),
             Side::Client,
             limits.max_request_body,
             limits.idle_timeout,

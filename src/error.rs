@@ -143,6 +143,7 @@ impl ProxyError {
             BodyError::TooLarge { limit } => Self::BodyTooLarge { limit },
             BodyError::Idle { after, .. } => Self::ClientTimeout(after),
             BodyError::Transport(e) => Self::ClientBody(e),
+            BodyError::Upstream(e) => Self::UpstreamUnreachable(Box::new(e)),
         }
     }
 

@@ -19,11 +19,9 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use http::Request;
 
+use crate::chunked::{Advance, Chunk};
 use crate::observe::{Observed, Observer};
 use crate::server::{MAX_HEADER_BYTES, MAX_HEADERS};
-
-/// The longest chunk-size line followed, in bytes; past it the watch stops.
-const MAX_CHUNK_LINE: usize = 4096;
 
 /// Marks a request the watch refuses. After one, the watch stops and the connection closes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,13 +155,13 @@ impl Watch {
                     }
                     n
                 }
-                State::Chunked(chunk) => match chunk.step(data) {
-                    Step::More => data.len(),
-                    Step::Done(n) => {
+                State::Chunked(chunk) => match chunk.advance(data) {
+                    Advance::Framing(n) | Advance::Data(n) => n,
+                    Advance::Done(n) => {
                         self.state = State::Head(Vec::new());
                         n
                     }
-                    Step::Malformed => {
+                    Advance::Malformed => {
                         self.state = State::Off;
                         return;
                     }
@@ -186,7 +184,7 @@ impl Watch {
         self.state = match framing {
             Framing::NoBody => State::Head(Vec::new()),
             Framing::Fixed(n) => State::Fixed(n),
-            Framing::Chunked => State::Chunked(Chunk::size()),
+            Framing::Chunked => State::Chunked(Chunk::default()),
             Framing::Conflict => {
                 // hyper closes the connection after this request, so nothing follows it.
                 self.verdicts.refuse(index, Refusal::ConflictingFraming);
@@ -298,109 +296,6 @@ fn last_coding_is_chunked(value: &[u8]) -> bool {
         .rsplit(|&b| b == b',')
         .next()
         .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-}
-
-/// Where a chunked body is.
-enum Chunk {
-    /// A chunk-size line: the size so far, its hex digits, whether they have ended (an
-    /// extension or CR follows) and the line's length.
-    Size {
-        size: u64,
-        digits: u8,
-        ended: bool,
-        len: usize,
-    },
-    /// Inside a chunk's data: the bytes left.
-    Data(u64),
-    /// The CRLF after a chunk's data.
-    DataEnd,
-    /// The trailer section after the last chunk: the current line's length, and the total.
-    Trailer { line: usize, total: usize },
-}
-
-enum Step {
-    /// All the data belonged to the body.
-    More,
-    /// The body ended after this many bytes.
-    Done(usize),
-    Malformed,
-}
-
-impl Chunk {
-    fn size() -> Self {
-        Self::Size {
-            size: 0,
-            digits: 0,
-            ended: false,
-            len: 0,
-        }
-    }
-
-    fn step(&mut self, data: &[u8]) -> Step {
-        let mut i = 0;
-        while i < data.len() {
-            if let Self::Data(left) = self {
-                let n = (data.len() - i).min(usize::try_from(*left).unwrap_or(usize::MAX));
-                *left -= n as u64;
-                i += n;
-                if *left == 0 {
-                    *self = Self::DataEnd;
-                }
-                continue;
-            }
-            let b = data[i];
-            i += 1;
-            match self {
-                Self::Size {
-                    size,
-                    digits,
-                    ended,
-                    len,
-                } => {
-                    *len += 1;
-                    if *len > MAX_CHUNK_LINE {
-                        return Step::Malformed;
-                    }
-                    if b == b'\n' {
-                        if *digits == 0 {
-                            return Step::Malformed;
-                        }
-                        *self = match *size {
-                            0 => Self::Trailer { line: 0, total: 0 },
-                            n => Self::Data(n),
-                        };
-                    } else if let (false, Some(d)) = (*ended, char::from(b).to_digit(16)) {
-                        if *digits == 16 {
-                            return Step::Malformed;
-                        }
-                        *size = *size << 4 | u64::from(d);
-                        *digits += 1;
-                    } else {
-                        *ended = true;
-                    }
-                }
-                Self::DataEnd => match b {
-                    b'\r' => {}
-                    b'\n' => *self = Self::size(),
-                    _ => return Step::Malformed,
-                },
-                Self::Trailer { line, total } => {
-                    *total += 1;
-                    if *total > MAX_HEADER_BYTES {
-                        return Step::Malformed;
-                    }
-                    match b {
-                        b'\n' if *line == 0 => return Step::Done(i),
-                        b'\n' => *line = 0,
-                        b'\r' => {}
-                        _ => *line += 1,
-                    }
-                }
-                Self::Data(_) => unreachable!("handled above"),
-            }
-        }
-        Step::More
-    }
 }
 
 #[cfg(test)]

@@ -22,6 +22,11 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// Whether `name` is a hop-by-hop header every proxy removes (or `Transfer-Encoding`).
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    hop_index(name).is_some()
+}
+
 /// Where `name` is in [`HOP_BY_HOP`]: one string match, not nine comparisons.
 fn hop_index(name: &HeaderName) -> Option<usize> {
     Some(match name.as_str() {
@@ -95,11 +100,18 @@ pub fn strip(headers: &mut HeaderMap) {
     for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
     }
-    let tokens = named
+    remove_named(headers, &named);
+}
+
+/// Removes the headers that the `Connection` header values `connection` name (any case), but
+/// for the `close` and `keep-alive` options, which name no header a message would carry.
+pub fn remove_named(headers: &mut HeaderMap, connection: &[HeaderValue]) {
+    let tokens = connection
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(str::trim);
+        .map(str::trim)
+        .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"));
     for token in tokens {
         headers.remove(token); // any case; a token that is no header name removes nothing
     }

@@ -15,7 +15,8 @@
 //!   load shedding (tower), [`tunnel`] (CONNECT to listed targets, through [`ssrf`]),
 //!   [`route`] (match, rewrite, hop-by-hop; a tower filter), [`body`]
 //!   (limits, replayable bodies), [`retry`] (once on 401), [`auth::inject`] (bearer),
-//!   [`upstream`] (pooled clients; [`pool`]: the one for plain-HTTP upstreams).
+//!   [`upstream`] (pooled clients; [`pool`]: the one for plain-HTTP upstreams, over
+//!   tokengate's own HTTP/1.1 client codec, [`h1`]).
 //! - [`error`]: every request-path error and the one place it becomes a response.
 //! - [`auth`]: the exchange ([`auth::exchange`], [`auth::crypto`]), [`auth::token`] and the
 //!   token cache ([`auth::cache`]).
@@ -23,6 +24,7 @@
 //!   Prometheus registry and the recording middleware.
 //! - [`tls`]: outbound roots and inbound certificates; [`hop`]: hop-by-hop headers, framing;
 //!   [`framing`]: the watch on the client's bytes that finds `Content-Length` + `Transfer-Encoding`;
+//!   [`chunked`]: the chunked coding, followed for the watch and decoded for [`h1`];
 //!   [`observe`]: the IO wrapper it (and the tunnels' idle timeout) reads through.
 //! - [`ssrf`]: the SSRF guard (resolve, classify, dial what was checked) for egress tunnels.
 //! - [`sandbox`]: a real auth server and upstream for the demo and the tests; [`demo`].
@@ -31,11 +33,13 @@ pub mod access;
 pub mod admin;
 pub mod auth;
 pub mod body;
+pub mod chunked;
 pub mod config;
 pub mod demo;
 pub mod error;
 pub mod framing;
 pub mod gateway;
+pub mod h1;
 pub mod hibernate;
 pub mod hop;
 pub mod metrics;

@@ -1,31 +1,35 @@
-//! tokengate's own pool of HTTP/1.1 connections to one plain-HTTP upstream, over hyper's
-//! low-level client (`hyper::client::conn::http1`).
+//! tokengate's pool of HTTP/1.1 connections to one plain-HTTP upstream.
 //!
-//! hyper-util's pooled client (still used for HTTPS upstreams, where ALPN may pick HTTP/2)
-//! hashes its pool key twice per request and spawns a task per response to return the
-//! connection; here a route already knows its upstream, so a checkout is a pop from one list,
-//! and the connection goes back when the response body ends (see [`Checkin`]).
+//! A request whose body the proxy holds whole (none, or one buffered for replay) goes out
+//! through tokengate's own client codec ([`crate::h1`]) on a pooled connection, driven by the
+//! task serving the client. A request whose body streams goes through hyper's client, which
+//! reads an early response while the body is still being sent.
 //!
-//! - Checkout takes the most recently used idle connection (LIFO), skipping closed ones and
-//!   ones idle longer than [`POOL_IDLE_TIMEOUT`]; without one it connects (within
-//!   `connect_timeout`).
-//! - A request that a pooled connection could not even start (the upstream had closed it) is
-//!   sent once more on another connection; a request that was sent is never resent here.
+//! - Checkout takes the most recently used idle connection (LIFO), skipping ones the upstream
+//!   closed and ones idle longer than [`POOL_IDLE_TIMEOUT`]; without one it connects (within
+//!   `connect_timeout`). Each return evicts the oldest idle connection if it has expired.
+//! - A connection goes back when its response has been read to the end; a response dropped
+//!   before its end closes its connection.
+//! - A request that fails on a reused connection before any byte of a response arrived is sent
+//!   once more, on a new connection, if none of it was sent or its method is idempotent (the
+//!   upstream may have closed the idle connection as the request went out). nginx retries such
+//!   requests the same way; a `POST` that may have reached the upstream is not resent.
 //! - At most [`POOL_MAX_IDLE_PER_HOST`] idle connections are kept; there is no limit on busy
-//!   ones (as with hyper-util). Idle connections are evicted when found stale at checkout, or
-//!   when the upstream closes them.
+//!   ones (as with hyper-util).
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use http::uri::{Authority, PathAndQuery};
-use http::{Request, Response, Uri};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use http::uri::Authority;
+use http::{Request, Response};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::TcpStream;
 
-use crate::body::ProxyBody;
+use crate::body::{PeerBody, ProxyBody};
+use crate::h1::{self, Conn};
 use crate::upstream::{POOL_IDLE_TIMEOUT, POOL_MAX_IDLE_PER_HOST};
 
 /// Why a request could not be sent.
@@ -43,13 +47,17 @@ pub enum PoolError {
     /// The TCP connect took longer than `connect_timeout`.
     #[error("connect to {0} timed out")]
     ConnectTimeout(Authority),
-    /// The HTTP/1.1 exchange failed (including the client's request body failing).
+    /// The exchange with the upstream failed.
     #[error("upstream exchange failed")]
-    Send(#[source] hyper::Error),
+    Exchange(#[source] h1::Error),
+    /// The exchange of a streamed request through hyper's client failed (including the
+    /// client's request body failing).
+    #[error("upstream exchange failed")]
+    Streamed(#[source] hyper_util::client::legacy::Error),
 }
 
 struct Idle {
-    sender: SendRequest<ProxyBody>,
+    conn: Conn,
     since: Instant,
 }
 
@@ -57,7 +65,9 @@ struct Idle {
 pub struct Pool {
     authority: Authority,
     connect_timeout: Duration,
-    idle: Mutex<Vec<Idle>>,
+    idle: Mutex<VecDeque<Idle>>,
+    /// hyper's client, for requests whose body streams.
+    streaming: Client<HttpConnector, ProxyBody>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -68,97 +78,80 @@ impl std::fmt::Debug for Pool {
     }
 }
 
-/// A connection to give back to its pool once its response body has ended.
-#[derive(Debug)]
-pub struct Checkin {
-    sender: SendRequest<ProxyBody>,
-    pool: Arc<Pool>,
-}
-
-impl Checkin {
-    /// The response ended: the connection may carry another request.
-    pub fn done(self) {
-        self.pool.put(self.sender);
-    }
-}
-
 impl Pool {
     /// An empty pool for `authority` (`host:port`, port 80 if absent).
     pub fn new(authority: Authority, connect_timeout: Duration) -> Arc<Self> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        let streaming = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
+            .build(connector);
         Arc::new(Self {
             authority,
             connect_timeout,
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(VecDeque::new()),
+            streaming,
         })
     }
 
-    /// Sends `req` (its URI becomes origin-form) and returns the response head, with the
-    /// connection to check in when the body ends.
+    /// Sends `req` (its URI becomes origin-form) and returns the response, whose body gives
+    /// the connection back when it has been read to its end.
     pub async fn send(
         self: &Arc<Self>,
-        mut req: Request<ProxyBody>,
-    ) -> Result<(Response<Incoming>, Checkin), PoolError> {
-        let origin = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        *req.uri_mut() = Uri::from(origin);
-        let mut resent = false;
+        req: Request<ProxyBody>,
+    ) -> Result<Response<PeerBody>, PoolError> {
+        let (parts, body) = req.into_parts();
+        let body = match body {
+            ProxyBody::Full(bytes) => bytes.unwrap_or_default(),
+            streaming @ ProxyBody::Streaming(_) => {
+                let req = Request::from_parts(parts, streaming);
+                let response = self.streaming.request(req).await;
+                return response
+                    .map(|r| r.map(PeerBody::Hyper))
+                    .map_err(PoolError::Streamed);
+            }
+        };
+        let head = h1::encode_head(&parts, body.len());
+        let mut fresh = false;
         loop {
-            let (mut sender, pooled) = match self.checkout() {
-                Some(sender) => (sender, true),
+            let (conn, reused) = match self.checkout(fresh) {
+                Some(conn) => (conn, true),
                 None => (self.connect().await?, false),
             };
-            if let Err(error) = sender.ready().await {
-                if pooled {
-                    continue; // closed meanwhile; the request is untouched
+            let home = self.clone() as Arc<dyn h1::Home>;
+            match h1::exchange(conn, &head, &body, &parts.method, home).await {
+                Ok((head, body)) => return Ok(Response::from_parts(head, PeerBody::H1(body))),
+                Err(failed)
+                    if reused
+                        && failed.unanswered
+                        && (failed.unsent || parts.method.is_idempotent()) =>
+                {
+                    tracing::debug!(authority = %self.authority, error = %failed.error, "reused connection failed; sending again on a new one");
+                    fresh = true;
                 }
-                return Err(PoolError::Send(error));
-            }
-            match sender.try_send_request(req).await {
-                Ok(response) => {
-                    let checkin = Checkin {
-                        sender,
-                        pool: self.clone(),
-                    };
-                    return Ok((response, checkin));
-                }
-                Err(mut failed) => match failed.take_message() {
-                    Some(unsent) if !resent => {
-                        resent = true;
-                        req = unsent;
-                    }
-                    _ => return Err(PoolError::Send(failed.into_error())),
-                },
+                Err(failed) => return Err(PoolError::Exchange(failed.error)),
             }
         }
     }
 
-    fn checkout(&self) -> Option<SendRequest<ProxyBody>> {
+    /// The most recently used idle connection that can carry a request (none if `fresh`).
+    fn checkout(&self, fresh: bool) -> Option<Conn> {
+        if fresh {
+            return None;
+        }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some(Idle { sender, since }) = idle.pop() {
-            if !sender.is_closed() && since.elapsed() < POOL_IDLE_TIMEOUT {
-                return Some(sender);
+        while let Some(Idle { mut conn, since }) = idle.pop_back() {
+            if since.elapsed() < POOL_IDLE_TIMEOUT && conn.is_usable() {
+                return Some(conn);
             }
         }
         None
     }
 
-    fn put(&self, sender: SendRequest<ProxyBody>) {
-        if sender.is_closed() {
-            return;
-        }
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.len() < POOL_MAX_IDLE_PER_HOST {
-            idle.push(Idle {
-                sender,
-                since: Instant::now(),
-            });
-        }
-    }
-
-    async fn connect(&self) -> Result<SendRequest<ProxyBody>, PoolError> {
+    async fn connect(&self) -> Result<Conn, PoolError> {
         let host = self.authority.host();
         let host = host.trim_start_matches('[').trim_end_matches(']'); // an IPv6 literal
         let target = (host, self.authority.port_u16().unwrap_or(80));
@@ -170,16 +163,23 @@ impl Pool {
                 source,
             })?;
         let _ = stream.set_nodelay(true);
-        let (sender, conn) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(PoolError::Send)?;
-        let authority = self.authority.clone();
-        tokio::spawn(async move {
-            if let Err(error) = conn.await {
-                tracing::debug!(%authority, %error, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
+        Ok(Conn::new(stream))
+    }
+}
+
+impl h1::Home for Pool {
+    fn put(&self, conn: Conn) {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle
+            .front()
+            .is_some_and(|oldest| now.duration_since(oldest.since) >= POOL_IDLE_TIMEOUT)
+        {
+            idle.pop_front();
+        }
+        if idle.len() < POOL_MAX_IDLE_PER_HOST {
+            idle.push_back(Idle { conn, since: now });
+        }
     }
 }
 
@@ -188,98 +188,271 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use bytes::Bytes;
-    use http_body::Body;
-    use http_body_util::{BodyExt, Full};
+    use http::{HeaderMap, Method, StatusCode};
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
-    use crate::body::{Guarded, Side};
 
-    /// An upstream on 127.0.0.1 answering `ok` to every request; returns its address and the
-    /// connections it accepted. With `one_shot`, it closes each connection after one answer,
-    /// without saying so (as an upstream with a short keep-alive timeout does).
-    async fn upstream(one_shot: bool) -> (Authority, Arc<AtomicUsize>) {
+    /// What a scripted upstream does with a request.
+    enum Answer {
+        /// Writes these bytes and keeps the connection.
+        Send(&'static [u8]),
+        /// Writes these bytes and closes the connection.
+        SendAndClose(&'static [u8]),
+        /// Closes the connection without a word.
+        Hang,
+    }
+
+    /// A raw-TCP upstream on 127.0.0.1 answering each request (on whichever connection) with
+    /// the next scripted answer; counts connections and keeps each request it read.
+    struct Scripted {
+        authority: Authority,
+        accepted: Arc<AtomicUsize>,
+        seen: Arc<Mutex<Vec<Vec<u8>>>>,
+    }
+
+    async fn scripted(answers: Vec<Answer>) -> Scripted {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let authority = listener.local_addr().unwrap().to_string().parse().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let answers = Arc::new(Mutex::new(VecDeque::from(answers)));
+        let (count, log) = (accepted.clone(), seen.clone());
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
-                if one_shot {
-                    // Read the head, answer as if keeping the connection, and close it.
-                    tokio::spawn(async move {
-                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                        let mut head = Vec::new();
-                        let mut buf = [0; 1024];
-                        while !head.ends_with(b"\r\n\r\n") {
-                            let Ok(n @ 1..) = stream.read(&mut buf).await else {
+                let (answers, log) = (answers.clone(), log.clone());
+                tokio::spawn(async move {
+                    while let Some(request) = read_request(&mut stream).await {
+                        log.lock().unwrap().push(request);
+                        let answer = answers.lock().unwrap().pop_front();
+                        match answer {
+                            Some(Answer::Send(bytes)) => stream.write_all(bytes).await.unwrap(),
+                            Some(Answer::SendAndClose(bytes)) => {
+                                stream.write_all(bytes).await.unwrap();
                                 return;
-                            };
-                            head.extend_from_slice(&buf[..n]);
+                            }
+                            Some(Answer::Hang) | None => return,
                         }
-                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                        let _ = stream.write_all(answer).await;
-                    });
-                    continue;
-                }
-                let service = hyper::service::service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("ok"))))
+                    }
                 });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service);
-                tokio::spawn(conn);
             }
         });
-        (authority, accepted)
+        Scripted {
+            authority,
+            accepted,
+            seen,
+        }
     }
 
-    /// Sends one GET through `pool` and reads the answer as hyper's server does: until the body
-    /// says it has ended (for a known length, that is after its last byte, with no `None`).
-    async fn get(pool: &Arc<Pool>) -> Result<Bytes, PoolError> {
-        let req = Request::get("http://upstream/x")
-            .body(ProxyBody::full(Bytes::new()))
-            .unwrap();
-        let (response, checkin) = pool.send(req).await?;
-        let idle = POOL_IDLE_TIMEOUT;
-        let mut body =
-            Guarded::new(response.into_body(), Side::Upstream, u64::MAX, idle).returning(checkin);
-        let mut read = Vec::new();
-        while !body.is_end_stream() {
-            let frame = body.frame().await.expect("more body").unwrap();
-            read.extend_from_slice(frame.data_ref().unwrap());
+    /// Reads one request: its head, and a `content-length` body.
+    async fn read_request(stream: &mut TcpStream) -> Option<Vec<u8>> {
+        let mut request = Vec::new();
+        let mut byte = [0u8; 1];
+        while !request.ends_with(b"\r\n\r\n") {
+            if stream.read(&mut byte).await.ok()? == 0 {
+                return None;
+            }
+            request.push(byte[0]);
         }
-        Ok(read.into())
+        let head = String::from_utf8_lossy(&request).to_ascii_lowercase();
+        let length = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+        let mut body = vec![0; length];
+        stream.read_exact(&mut body).await.ok()?;
+        request.extend_from_slice(&body);
+        Some(request)
     }
+
+    fn request(method: Method, body: &'static [u8]) -> Request<ProxyBody> {
+        let mut req = Request::new(ProxyBody::full(Bytes::from_static(body)));
+        *req.method_mut() = method;
+        *req.uri_mut() = "http://upstream/x?y=1".parse().unwrap();
+        req
+    }
+
+    /// Sends `req` and reads the whole answer as hyper's server would.
+    async fn send(
+        pool: &Arc<Pool>,
+        req: Request<ProxyBody>,
+    ) -> Result<(StatusCode, HeaderMap, Bytes), PoolError> {
+        let response = pool.send(req).await?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.expect("whole body").to_bytes();
+        Ok((parts.status, parts.headers, body))
+    }
+
+    async fn get(pool: &Arc<Pool>) -> Result<Bytes, PoolError> {
+        send(pool, request(Method::GET, b""))
+            .await
+            .map(|(_, _, body)| body)
+    }
+
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 
     #[tokio::test]
     async fn reuses_a_connection_once_its_response_has_ended() {
-        let (authority, accepted) = upstream(false).await;
-        let pool = Pool::new(authority, Duration::from_secs(5));
+        let up = scripted((0..7).map(|_| Answer::Send(OK)).collect()).await;
+        let pool = Pool::new(up.authority.clone(), Duration::from_secs(5));
         for _ in 0..5 {
             assert_eq!(get(&pool).await.unwrap(), "ok");
         }
-        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            up.seen.lock().unwrap()[0],
+            b"GET /x?y=1 HTTP/1.1\r\n\r\n",
+            "origin-form, no length for an empty GET"
+        );
 
-        // A response still being read keeps its connection: a second request gets another.
-        let req = || {
-            Request::get("/")
-                .body(ProxyBody::full(Bytes::new()))
-                .unwrap()
-        };
-        let (first, checkin) = pool.send(req()).await.unwrap();
-        let (second, _) = pool.send(req()).await.unwrap();
-        assert_eq!(accepted.load(Ordering::SeqCst), 2);
-        drop((first, second, checkin));
+        // A response not yet read keeps its connection: a second request gets another.
+        let first = pool.send(request(Method::GET, b"")).await.unwrap();
+        let second = pool.send(request(Method::GET, b"")).await.unwrap();
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
+        drop((first, second));
     }
 
     #[tokio::test]
     async fn an_upstream_that_closed_its_idle_connections_is_reconnected_to() {
-        let (authority, accepted) = upstream(true).await;
-        let pool = Pool::new(authority, Duration::from_secs(5));
+        let up = scripted((0..20).map(|_| Answer::SendAndClose(OK)).collect()).await;
+        let pool = Pool::new(up.authority.clone(), Duration::from_secs(5));
         for i in 0..20 {
             assert_eq!(get(&pool).await.unwrap(), "ok", "request {i}");
         }
-        assert_eq!(accepted.load(Ordering::SeqCst), 20);
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 20);
+    }
+
+    #[tokio::test]
+    async fn a_get_that_met_a_closing_connection_is_sent_again_but_a_post_is_not() {
+        // The second request on the first connection meets an upstream that closes it.
+        let up = scripted(vec![Answer::Send(OK), Answer::Hang, Answer::Send(OK)]).await;
+        let pool = Pool::new(up.authority.clone(), Duration::from_secs(5));
+        assert_eq!(get(&pool).await.unwrap(), "ok");
+        assert_eq!(
+            get(&pool).await.unwrap(),
+            "ok",
+            "sent again on a new connection"
+        );
+        assert_eq!(up.seen.lock().unwrap().len(), 3);
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
+
+        let up = scripted(vec![Answer::Send(OK), Answer::Hang, Answer::Send(OK)]).await;
+        let pool = Pool::new(up.authority.clone(), Duration::from_secs(5));
+        let post = || request(Method::POST, b"pay once");
+        assert_eq!(send(&pool, post()).await.unwrap().2, "ok");
+        let failed = send(&pool, post())
+            .await
+            .expect_err("may have reached the upstream");
+        assert!(
+            matches!(failed, PoolError::Exchange(h1::Error::Closed)),
+            "{failed:?}"
+        );
+        assert_eq!(up.seen.lock().unwrap().len(), 2, "not sent a second time");
+        let seen = String::from_utf8(up.seen.lock().unwrap()[1].clone()).unwrap();
+        assert!(
+            seen.ends_with("content-length: 8\r\n\r\npay once"),
+            "{seen}"
+        );
+    }
+
+    #[tokio::test]
+    async fn reads_every_response_framing_and_reuses_only_what_ended_cleanly() {
+        let up = scripted(vec![
+            // Chunked, with an extension and a trailer: reused.
+            Answer::Send(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n2\r\nde\r\n0\r\nx-t: 1\r\n\r\n"),
+            // Informational answers first, then a 204 (no body, whatever it declares).
+            Answer::Send(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n"),
+            // HEAD: a length, and no body.
+            Answer::Send(b"HTTP/1.1 200 OK\r\ncontent-length: 99\r\n\r\n"),
+            // Connection: close: the body is read, the connection is not reused.
+            Answer::Send(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\nz"),
+            // HTTP/1.0 without a length: read until the upstream closes.
+            Answer::SendAndClose(b"HTTP/1.0 200 OK\r\n\r\nuntil close"),
+            Answer::Send(OK),
+        ])
+        .await;
+        let pool = Pool::new(up.authority.clone(), Duration::from_secs(5));
+        let (status, headers, body) = send(&pool, request(Method::GET, b"")).await.unwrap();
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"abcde"[..]));
+        assert!(
+            headers.get("transfer-encoding").is_none(),
+            "framing is per hop"
+        );
+        let (status, _, body) = send(&pool, request(Method::PUT, b"x")).await.unwrap();
+        assert_eq!((status, body.len()), (StatusCode::NO_CONTENT, 0));
+        let (status, headers, body) = send(&pool, request(Method::HEAD, b"")).await.unwrap();
+        assert_eq!((status, body.len()), (StatusCode::OK, 0));
+        assert_eq!(headers["content-length"], "99");
+        assert_eq!(
+            up.accepted.load(Ordering::SeqCst),
+            1,
+            "all on one connection so far"
+        );
+        assert_eq!(get(&pool).await.unwrap(), "z");
+        assert_eq!(get(&pool).await.unwrap(), "until close");
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(get(&pool).await.unwrap(), "ok");
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn hop_by_hop_response_headers_and_those_connection_names_are_left_out() {
+        let up = scripted(vec![Answer::Send(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nKeep-Alive: timeout=5\r\nX-Hop: 1\r\nUpgrade: h2c\r\nProxy-Authenticate: Basic\r\nX-Kept: yes\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\ncontent-length: 0\r\n\r\n",
+        )])
+        .await;
+        let pool = Pool::new(up.authority.clone(), Duration::from_secs(5));
+        let (_, headers, _) = send(&pool, request(Method::GET, b"")).await.unwrap();
+        let mut names: Vec<_> = headers.keys().map(|n| n.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["content-length", "set-cookie", "x-kept"]);
+        assert_eq!(headers.get_all("set-cookie").iter().count(), 2);
+    }
+
+    #[tokio::test]
+    async fn malformed_responses_fail_and_their_connections_are_not_reused() {
+        let bad: [&'static [u8]; 6] = [
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\nok",
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            b"SSH-2.0-OpenSSH_9.2\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort",
+        ];
+        for (i, answer) in bad.into_iter().enumerate() {
+            let up = scripted(vec![Answer::SendAndClose(answer)]).await;
+            let pool = Pool::new(up.authority.clone(), Duration::from_secs(5));
+            let failed = match pool.send(request(Method::GET, b"")).await {
+                Err(e) => e.to_string(),
+                Ok(response) => match response.into_body().collect().await {
+                    Err(e) => e.to_string(),
+                    Ok(body) => panic!("answer {i} read as {:?}", body.to_bytes()),
+                },
+            };
+            assert!(failed.contains("upstream"), "answer {i}: {failed}");
+            assert!(pool.idle.lock().unwrap().is_empty(), "answer {i}");
+        }
+        // A head that never ends is cut off at its limit.
+        let huge = Box::leak(
+            [
+                b"HTTP/1.1 200 OK\r\nx: ".as_slice(),
+                &[b'a'; h1::MAX_RESPONSE_HEAD],
+            ]
+            .concat()
+            .into_boxed_slice(),
+        );
+        let up = scripted(vec![Answer::Send(huge)]).await;
+        let pool = Pool::new(up.authority.clone(), Duration::from_secs(5));
+        let failed = pool
+            .send(request(Method::GET, b""))
+            .await
+            .expect_err("too large");
+        assert!(
+            matches!(failed, PoolError::Exchange(h1::Error::Malformed(_))),
+            "{failed:?}"
+        );
     }
 
     #[tokio::test]

@@ -1,6 +1,6 @@
-//! The upstream client: tokengate's own connection pool for plain-HTTP upstreams ([`Pool`]),
-//! hyper-util's pooled client over rustls for HTTPS ones; bounded by `request_timeout`, with
-//! hop-by-hop headers removed from the response.
+//! The upstream client: tokengate's own connection pool and client for plain-HTTP upstreams
+//! ([`Pool`], [`crate::h1`]), hyper-util's pooled client over rustls for HTTPS ones; bounded by
+//! `request_timeout`, with hop-by-hop headers removed from the response.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -8,14 +8,13 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use http::Request;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower::Service;
 
-use crate::body::{BodyError, Guarded, ProxyBody, ProxyResponse, Side};
+use crate::body::{BodyError, Guarded, PeerBody, ProxyBody, ProxyResponse, Side};
 use crate::error::{BoxError, ProxyError};
-use crate::pool::{Checkin, Pool, PoolError};
+use crate::pool::{Pool, PoolError};
 use crate::route::RouteCtx;
 use crate::tls::Connector;
 
@@ -52,6 +51,7 @@ fn body_error(error: &(dyn std::error::Error + 'static)) -> Option<ProxyError> {
                 BodyError::TooLarge { limit } => ProxyError::BodyTooLarge { limit: *limit },
                 BodyError::Idle { after, .. } => ProxyError::ClientTimeout(*after),
                 BodyError::Transport(_) => ProxyError::BadRequest("client body broke off"),
+                BodyError::Upstream(_) => return None,
             });
         }
         source = e.source();
@@ -82,9 +82,8 @@ fn client_error(error: hyper_util::client::legacy::Error, connect_timeout: Durat
 fn pool_error(error: PoolError, connect_timeout: Duration) -> ProxyError {
     match error {
         PoolError::ConnectTimeout(_) => ProxyError::UpstreamTimeout(connect_timeout),
-        PoolError::Send(e) => body_error(&e)
-            .unwrap_or_else(|| ProxyError::UpstreamUnreachable(Box::new(PoolError::Send(e)))),
-        connect => ProxyError::UpstreamUnreachable(Box::new(connect) as BoxError),
+        PoolError::Streamed(e) => client_error(e, connect_timeout),
+        other => ProxyError::UpstreamUnreachable(Box::new(other) as BoxError),
     }
 }
 
@@ -136,28 +135,26 @@ impl Service<Request<ProxyBody>> for Upstream {
         Box::pin(async move {
             let sent = async {
                 match client {
+                    // tokengate's client has left hop-by-hop headers out already.
                     UpstreamClient::Plain(pool) => pool
                         .send(req)
                         .await
-                        .map(|(response, checkin)| (response, Some(checkin)))
                         .map_err(|e| pool_error(e, connect_timeout)),
                     UpstreamClient::Tls(client) => client
                         .request(req)
                         .await
-                        .map(|response| (response, None))
+                        .map(|response| response.map(PeerBody::Hyper))
                         .map_err(|e| client_error(e, connect_timeout)),
                 }
             };
-            let (response, checkin): (http::Response<Incoming>, Option<Checkin>) =
-                tokio::time::timeout(timeout, sent)
-                    .await
-                    .map_err(|_| ProxyError::UpstreamTimeout(timeout))??;
+            let response = tokio::time::timeout(timeout, sent)
+                .await
+                .map_err(|_| ProxyError::UpstreamTimeout(timeout))??;
             let (mut parts, body) = response.into_parts();
-            crate::hop::strip(&mut parts.headers);
-            let mut body = Guarded::new(body, Side::Upstream, u64::MAX, body_idle);
-            if let Some(checkin) = checkin {
-                body = body.returning(checkin);
+            if matches!(body, PeerBody::Hyper(_)) {
+                crate::hop::strip(&mut parts.headers);
             }
+            let body = Guarded::new(body, Side::Upstream, u64::MAX, body_idle);
             Ok(ProxyResponse::from_parts(parts, ProxyBody::Streaming(body)))
         })
     }

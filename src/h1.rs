@@ -1,0 +1,566 @@
+//! tokengate's HTTP/1.1 client codec for plain-HTTP upstreams, for requests whose body the
+//! proxy holds whole (no body, or one buffered for replay): the head and the body go out in one
+//! vectored write, the response head is parsed with `httparse` (hyper's parser), and the
+//! response body is read straight from the socket as the client's connection sends it on.
+//!
+//! Everything runs in the task serving the client, as in nginx: no connection task, no channels
+//! between the request and its connection, one read for a small response. hyper's client
+//! ([`crate::pool`] keeps it for request bodies that stream) pays for both on every request;
+//! `docs/BENCHMARKS.md` has the measurements.
+//!
+//! Response framing follows RFC 9112 §6.3, as hyper's client does: no body for `HEAD`, 1xx, 204
+//! and 304; `Transfer-Encoding` ending in `chunked` is decoded ([`crate::chunked`]; trailers are
+//! read and dropped), any other `Transfer-Encoding` and a missing length read until the upstream
+//! closes; `Content-Length` values must agree. Informational responses (100, 103) are skipped;
+//! 101 is refused, since tokengate never asks for an upgrade. A connection goes back to its
+//! pool only after a complete HTTP/1.1 response without `Connection: close` and with nothing
+//! read past its end.
+
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
+use http::{HeaderMap, Method, StatusCode, Version, request, response};
+use http_body::{Frame, SizeHint};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::chunked::{Advance, Chunk};
+use crate::server::{MAX_HEADER_BYTES, MAX_HEADERS};
+
+/// The longest response head read, in bytes (as for requests).
+pub const MAX_RESPONSE_HEAD: usize = MAX_HEADER_BYTES;
+/// The most response headers read (as for requests).
+pub const MAX_RESPONSE_HEADERS: usize = MAX_HEADERS;
+/// The room made in a connection's buffer before its first read.
+const READ_MIN: usize = 8 * 1024;
+/// The most room made for one read: reads that fill the buffer double it up to this.
+const READ_MAX: usize = 64 * 1024;
+
+/// Why an exchange with the upstream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Writing the request or reading the response failed.
+    #[error("upstream connection failed")]
+    Io(#[from] io::Error),
+    /// The upstream closed the connection before its response ended.
+    #[error("upstream closed the connection before the response ended")]
+    Closed,
+    /// The response is not HTTP/1.x as tokengate reads it.
+    #[error("malformed upstream response: {0}")]
+    Malformed(&'static str),
+}
+
+/// A connection to an upstream, with the bytes read from it and not yet used.
+#[derive(Debug)]
+pub struct Conn {
+    io: TcpStream,
+    buf: BytesMut,
+    /// The room to make before the next read.
+    read_size: usize,
+}
+
+impl Conn {
+    /// A fresh connection.
+    pub fn new(io: TcpStream) -> Self {
+        Self {
+            io,
+            buf: BytesMut::new(),
+            read_size: READ_MIN,
+        }
+    }
+
+    /// Whether an idle connection can carry a request: the upstream has not closed it, and
+    /// has sent nothing unasked. Costs no system call unless the socket turned readable.
+    pub fn is_usable(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            // Readable: EOF, stray bytes, or readiness left from the last response's read.
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    /// Reads more bytes into the buffer; `Ok(0)` at the upstream's EOF.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
+            self.buf.reserve(self.read_size);
+        }
+        let room = self.buf.capacity() - self.buf.len();
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.buf
+        ))?;
+        if n == room {
+            self.read_size = (self.read_size * 2).min(READ_MAX);
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    async fn fill(&mut self) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_fill(cx)).await
+    }
+}
+
+/// Where a connection goes when its response has been read to the end.
+pub trait Home: Send + Sync {
+    /// Takes back `conn`, fit for another request.
+    fn put(&self, conn: Conn);
+}
+
+/// The request head in HTTP/1.1 wire form, origin-form target, with `Content-Length` for a
+/// body of `body_len` bytes. `Content-Length` and `Transfer-Encoding` in `parts` are replaced
+/// (the framing is this hop's own); hop-by-hop headers must already be gone.
+pub fn encode_head(parts: &request::Parts, body_len: usize) -> Vec<u8> {
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let size = parts
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum::<usize>()
+        + target.len()
+        + 64;
+    let mut head = Vec::with_capacity(size);
+    head.extend_from_slice(parts.method.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(target.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut declared = false;
+    for (name, value) in &parts.headers {
+        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+            declared |= name == CONTENT_LENGTH;
+            continue;
+        }
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    // An empty body keeps the `Content-Length: 0` the client declared; none is added to a GET.
+    if body_len > 0 || declared {
+        head.extend_from_slice(b"content-length: ");
+        head.extend_from_slice(itoa::Buffer::new().format(body_len).as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+/// How far an exchange got before it failed: whether it may be sent again elsewhere.
+#[derive(Debug)]
+pub struct Failed {
+    /// What went wrong.
+    pub error: Error,
+    /// No byte of the request reached the socket.
+    pub unsent: bool,
+    /// No byte of a response arrived.
+    pub unanswered: bool,
+}
+
+/// Sends `head` and `body` on `conn` and reads the response head. `method` decides whether
+/// the response has a body (`HEAD`'s never has).
+pub async fn exchange(
+    mut conn: Conn,
+    head: &[u8],
+    body: &[u8],
+    method: &Method,
+    home: Arc<dyn Home>,
+) -> Result<(response::Parts, Body), Failed> {
+    let failed = |error, unsent, unanswered| Failed {
+        error,
+        unsent,
+        unanswered,
+    };
+    let mut bufs = [IoSlice::new(head), IoSlice::new(body)];
+    let mut slices = &mut bufs[..if body.is_empty() { 1 } else { 2 }];
+    let mut sent = 0;
+    while !slices.is_empty() {
+        let error = match conn.io.write_vectored(slices).await {
+            Ok(0) => io::Error::from(io::ErrorKind::WriteZero),
+            Ok(n) => {
+                sent += n;
+                IoSlice::advance_slices(&mut slices, n);
+                continue;
+            }
+            Err(e) => e,
+        };
+        return Err(failed(error.into(), sent == 0, true));
+    }
+    let mut answered = false;
+    loop {
+        match parse_head(&mut conn.buf, method) {
+            Ok(Some((parts, framing, keep_alive))) => {
+                return Ok((parts, Body::new(conn, framing, keep_alive, home)));
+            }
+            Ok(None) if conn.buf.len() > MAX_RESPONSE_HEAD => {
+                let error = Error::Malformed("response head too large");
+                return Err(failed(error, false, false));
+            }
+            Ok(None) => {}
+            Err(error) => return Err(failed(error, false, false)),
+        }
+        match conn.fill().await {
+            Ok(0) => return Err(failed(Error::Closed, false, !answered)),
+            Ok(_) => answered = true,
+            Err(e) => return Err(failed(e.into(), false, !answered)),
+        }
+    }
+}
+
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// Parses a complete response head at the start of `buf` (skipping informational responses),
+/// taking it out of `buf`; `None` if more bytes are needed. Hop-by-hop headers and those
+/// `Connection` names are left out.
+fn parse_head(
+    buf: &mut BytesMut,
+    method: &Method,
+) -> Result<Option<(response::Parts, Framing, bool)>, Error> {
+    loop {
+        let mut slots =
+            [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_HEADERS];
+        let mut res = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut res, buf, &mut slots)
+        {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(Error::Malformed("too many headers"));
+            }
+            Err(_) => return Err(Error::Malformed("unparsable head")),
+        };
+        let status = res
+            .code
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .ok_or(Error::Malformed("status"))?;
+        if status.is_informational() {
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                return Err(Error::Malformed("101 without an upgrade asked for"));
+            }
+            buf.advance(len); // 100 Continue, 103 Early Hints: the final response follows
+            continue;
+        }
+        let version = if res.version == Some(1) {
+            Version::HTTP_11
+        } else {
+            Version::HTTP_10
+        };
+        // Names now; values as offsets, to share the head's bytes once the parser lets go.
+        let base = buf.as_ptr() as usize;
+        let mut names = Vec::with_capacity(res.headers.len());
+        for h in res.headers.iter() {
+            let name = HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| Error::Malformed("header name"))?;
+            let at = h.value.as_ptr() as usize - base;
+            names.push((name, at..at + h.value.len()));
+        }
+        let head = buf.split_to(len).freeze();
+
+        let mut headers = HeaderMap::with_capacity(names.len());
+        let mut connection = Vec::new();
+        let (mut chunked, mut other_coding, mut length, mut lengths_differ) =
+            (false, false, None::<u64>, false);
+        for (name, range) in names {
+            let value = HeaderValue::from_maybe_shared(head.slice(range))
+                .map_err(|_| Error::Malformed("header value"))?;
+            if name == TRANSFER_ENCODING {
+                // Only the last coding decides; a later header's codings come after.
+                chunked = last_coding_is_chunked(value.as_bytes());
+                other_coding |= !chunked;
+            } else if name == CONTENT_LENGTH {
+                match (content_length(value.as_bytes()), length) {
+                    (Some(n), None) => length = Some(n),
+                    (Some(n), Some(m)) if n == m => {}
+                    _ => lengths_differ = true,
+                }
+            } else if name == CONNECTION {
+                connection.push(value.clone());
+            }
+            if !crate::hop::is_hop_by_hop(&name) {
+                headers.append(name, value);
+            }
+        }
+        if !connection.is_empty() {
+            crate::hop::remove_named(&mut headers, &connection);
+        }
+        let has_te = chunked || other_coding;
+        let framing = if *method == Method::HEAD
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            Framing::Empty
+        } else if has_te && version == Version::HTTP_10 {
+            return Err(Error::Malformed("Transfer-Encoding in HTTP/1.0"));
+        } else if chunked {
+            Framing::Chunked
+        } else if has_te {
+            Framing::UntilClose
+        } else if lengths_differ {
+            return Err(Error::Malformed("Content-Length"));
+        } else {
+            match length {
+                Some(0) => Framing::Empty,
+                Some(n) => Framing::Length(n),
+                None => Framing::UntilClose,
+            }
+        };
+        if has_te {
+            headers.remove(CONTENT_LENGTH); // the coding frames the body (RFC 9112 §6.3)
+        }
+        let close = connection.iter().any(|v| has_token(v.as_bytes(), b"close"));
+        let keep_alive = version == Version::HTTP_11
+            && !close
+            && framing != Framing::UntilClose
+            && !(has_te && length.is_some());
+
+        let mut parts = response::Response::new(()).into_parts().0;
+        parts.status = status;
+        parts.version = version;
+        parts.headers = headers;
+        return Ok(Some((parts, framing, keep_alive)));
+    }
+}
+
+/// A `Content-Length` value: digits, or a list of equal ones (`5, 5`).
+fn content_length(value: &[u8]) -> Option<u64> {
+    let mut length = None;
+    for part in value.split(|&b| b == b',') {
+        let part = part.trim_ascii();
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n = part.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+        match length {
+            None => length = Some(n),
+            Some(m) if m == n => {}
+            Some(_) => return None,
+        }
+    }
+    length
+}
+
+fn last_coding_is_chunked(value: &[u8]) -> bool {
+    value
+        .rsplit(|&b| b == b',')
+        .next()
+        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// Where a response body stands.
+#[derive(Debug)]
+enum State {
+    /// A body of known length: the bytes left.
+    Length(u64),
+    /// A chunked body.
+    Chunked(Chunk),
+    /// Everything until the upstream closes.
+    UntilClose,
+    /// Ended (or failed): the connection has gone home or been closed.
+    Done,
+}
+
+/// A response body read from the upstream connection as it is polled. Read to its end, it
+/// gives the connection back to its [`Home`]; dropped before, it closes it.
+pub struct Body {
+    conn: Option<Conn>,
+    state: State,
+    keep_alive: bool,
+    home: Arc<dyn Home>,
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Body")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Body {
+    fn new(conn: Conn, framing: Framing, keep_alive: bool, home: Arc<dyn Home>) -> Self {
+        let state = match framing {
+            Framing::Empty => State::Length(0),
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::Chunked(Chunk::default()),
+            Framing::UntilClose => State::UntilClose,
+        };
+        let mut body = Self {
+            conn: Some(conn),
+            state,
+            keep_alive,
+            home,
+        };
+        if matches!(body.state, State::Length(0)) {
+            body.finish();
+        }
+        body
+    }
+
+    /// The body has ended: the connection goes home if it is fit for another request.
+    fn finish(&mut self) {
+        self.state = State::Done;
+        if let Some(conn) = self.conn.take()
+            && self.keep_alive
+            && conn.buf.is_empty()
+        {
+            self.home.put(conn);
+        }
+    }
+
+    fn fail(&mut self, error: Error) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        self.state = State::Done;
+        self.conn = None;
+        Poll::Ready(Some(Err(error)))
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let this = &mut *self;
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            if !conn.buf.is_empty() {
+                let data = match &mut this.state {
+                    State::Length(left) => {
+                        let n = conn
+                            .buf
+                            .len()
+                            .min(usize::try_from(*left).unwrap_or(usize::MAX));
+                        *left -= n as u64;
+                        let data = conn.buf.split_to(n).freeze();
+                        if *left == 0 {
+                            this.finish();
+                        }
+                        data
+                    }
+                    State::UntilClose => conn.buf.split().freeze(),
+                    State::Chunked(chunk) => match chunk.advance(&conn.buf) {
+                        Advance::Framing(n) => {
+                            conn.buf.advance(n);
+                            continue;
+                        }
+                        Advance::Data(n) => conn.buf.split_to(n).freeze(),
+                        Advance::Done(n) => {
+                            conn.buf.advance(n);
+                            this.finish();
+                            return Poll::Ready(None);
+                        }
+                        Advance::Malformed => return this.fail(Error::Malformed("chunked body")),
+                    },
+                    State::Done => return Poll::Ready(None),
+                };
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) if matches!(this.state, State::UntilClose) => {
+                    this.state = State::Done;
+                    this.conn = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return this.fail(Error::Closed),
+                Ok(_) => {}
+                Err(e) => return this.fail(e.into()),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Length(left) => SizeHint::with_exact(left),
+            State::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(method: Method, headers: &[(&'static str, &'static str)], body_len: usize) -> String {
+        let mut req = http::Request::new(());
+        *req.method_mut() = method;
+        *req.uri_mut() = "http://up:8080/a/b?c=d".parse().unwrap();
+        for (name, value) in headers {
+            req.headers_mut()
+                .append(*name, HeaderValue::from_static(value));
+        }
+        String::from_utf8(encode_head(&req.into_parts().0, body_len)).unwrap()
+    }
+
+    #[test]
+    fn the_head_frames_the_body_it_is_sent_with() {
+        assert_eq!(
+            head(
+                Method::GET,
+                &[("host", "up:8080"), ("authorization", "Bearer t")],
+                0
+            ),
+            "GET /a/b?c=d HTTP/1.1\r\nhost: up:8080\r\nauthorization: Bearer t\r\n\r\n"
+        );
+        // The client's length is replaced by the body's own; an empty body keeps a declared 0.
+        assert_eq!(
+            head(Method::POST, &[("content-length", "999"), ("x", "1")], 5),
+            "POST /a/b?c=d HTTP/1.1\r\nx: 1\r\ncontent-length: 5\r\n\r\n"
+        );
+        assert_eq!(
+            head(Method::POST, &[("content-length", "0")], 0),
+            "POST /a/b?c=d HTTP/1.1\r\ncontent-length: 0\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn content_length_is_digits_or_a_list_of_equal_ones() {
+        assert_eq!(content_length(b"42"), Some(42));
+        assert_eq!(content_length(b"7, 7,7"), Some(7));
+        for bad in [
+            &b""[..],
+            b"+1",
+            b"-1",
+            b"1 2",
+            b"7, 8",
+            b"0x10",
+            b"99999999999999999999",
+        ] {
+            assert_eq!(content_length(bad), None, "{bad:?}");
+        }
+    }
+}
