@@ -1,7 +1,7 @@
 //! Who may use the credentials: the client's address must be in `allowed_clients`, and the
 //! request must carry the shared `require_header` key (compared in constant time, then removed).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::Request;
@@ -11,12 +11,9 @@ use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
 use tower::filter::Predicate;
 
+use crate::ctx::Ctx;
 use crate::error::{BoxError, ProxyError};
 use crate::gateway::SharedLive;
-
-/// The client's address, put in each request's extensions by the accept loop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientAddr(pub SocketAddr);
 
 /// The access policy of the proxy listener.
 #[derive(Clone, Default)]
@@ -31,10 +28,9 @@ impl AccessPolicy {
     /// Checks `req` against the policy and removes the shared key header.
     pub fn check<B>(&self, req: &mut Request<B>) -> Result<(), ProxyError> {
         if let Some(allowed) = &self.allowed_clients {
-            let ip = req
-                .extensions()
-                .get::<ClientAddr>()
-                .map(|a| canonical(a.0.ip()))
+            let ip = Ctx::of(req)
+                .and_then(Ctx::peer)
+                .map(|a| canonical(a.ip()))
                 .ok_or(ProxyError::Forbidden("client address unknown"))?;
             if !allowed.iter().any(|net| net.contains(&ip)) {
                 return Err(ProxyError::Forbidden("client address not allowed"));
@@ -104,7 +100,7 @@ mod tests {
     fn request(peer: &str, key: Option<&str>) -> Request<()> {
         let mut req = Request::new(());
         req.extensions_mut()
-            .insert(ClientAddr(peer.parse().unwrap()));
+            .insert(Ctx::new(Some(peer.parse().unwrap()), None));
         if let Some(k) = key {
             req.headers_mut()
                 .insert("x-tokengate-key", k.parse().unwrap());

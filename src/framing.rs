@@ -7,8 +7,9 @@
 //! service never learns the request was ambiguous. So [`Watched`] reads the bytes hyper reads,
 //! finds each request head with the parser hyper uses (`httparse`), follows the body's framing
 //! to the next head, and notes which head conflicted (or was too long) in the connection's
-//! [`Verdicts`]. [`Verdicts::mark`] counts the requests hyper hands over and marks that one with
-//! its [`Refusal`], which [`crate::hop::check_framing`] refuses.
+//! [`Verdicts`]. [`Verdicts::next`] counts the requests hyper hands over and gives that one its
+//! [`Refusal`] (the accept loop puts it in the request's [`crate::ctx::Ctx`]), which
+//! [`crate::hop::check_framing`] refuses.
 //!
 //! Where the watch cannot follow (HTTP/2, CONNECT, too many headers, malformed framing, which
 //! hyper refuses and closes on), it stops watching and hyper's own handling stands.
@@ -16,8 +17,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-
-use http::Request;
 
 use crate::chunked::{Advance, Chunk};
 use crate::observe::{Observed, Observer};
@@ -54,17 +53,17 @@ impl Default for Verdicts {
 }
 
 impl Verdicts {
-    /// Counts one request handed over by hyper, and marks it if its head was refused. Call it
-    /// exactly once per request, in arrival order (hyper serves HTTP/1 requests in order).
-    pub fn mark<B>(&self, req: &mut Request<B>) {
+    /// Counts one request handed over by hyper, and says why its head was refused, if it was.
+    /// Call it exactly once per request, in arrival order (hyper serves HTTP/1 requests in
+    /// order).
+    pub fn next(&self) -> Option<Refusal> {
         let index = self.served.fetch_add(1, Ordering::Relaxed);
-        if index == self.refused_at.load(Ordering::Acquire) {
-            let refusal = match self.refusal.load(Ordering::Relaxed) {
+        (index == self.refused_at.load(Ordering::Acquire)).then(|| {
+            match self.refusal.load(Ordering::Relaxed) {
                 1 => Refusal::ConflictingFraming,
                 _ => Refusal::OversizedHead,
-            };
-            req.extensions_mut().insert(refusal);
-        }
+            }
+        })
     }
 
     fn refuse(&self, index: u64, refusal: Refusal) {
@@ -398,13 +397,7 @@ mod tests {
         for refusal in [Refusal::ConflictingFraming, Refusal::OversizedHead] {
             let verdicts = Verdicts::default();
             verdicts.refuse(1, refusal);
-            let marked: Vec<Option<Refusal>> = (0..3)
-                .map(|_| {
-                    let mut req = Request::new(());
-                    verdicts.mark(&mut req);
-                    req.extensions().get::<Refusal>().copied()
-                })
-                .collect();
+            let marked: Vec<Option<Refusal>> = (0..3).map(|_| verdicts.next()).collect();
             assert_eq!(marked, [None, Some(refusal), None]);
         }
     }

@@ -4,6 +4,7 @@
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Request};
 
+use crate::ctx::Ctx;
 use crate::error::ProxyError;
 use crate::framing::Refusal;
 use crate::server::MAX_HEADER_BYTES;
@@ -53,7 +54,7 @@ fn hop_index(name: &HeaderName) -> Option<usize> {
 /// request and it is refused here. This check also refuses codings stacked before `chunked`
 /// (`gzip, chunked`), which an upstream might decode differently.
 pub fn check_framing<B>(req: &Request<B>) -> Result<(), ProxyError> {
-    match req.extensions().get::<Refusal>() {
+    match Ctx::of(req).and_then(Ctx::refusal) {
         None => {}
         Some(Refusal::ConflictingFraming) => {
             return Err(ProxyError::AmbiguousFraming(
@@ -148,7 +149,9 @@ mod tests {
             (Refusal::OversizedHead, 431),
         ] {
             let mut marked = headers(&[("transfer-encoding", "chunked")]);
-            marked.extensions_mut().insert(refusal);
+            marked
+                .extensions_mut()
+                .insert(Ctx::new(None, Some(refusal)));
             let refused = check_framing(&marked).expect_err("marked requests are refused");
             assert_eq!(refused.status(), status);
         }

@@ -17,6 +17,7 @@
 //!   (limits, replayable bodies), [`retry`] (once on 401), [`auth::inject`] (bearer),
 //!   [`upstream`] (pooled clients; [`pool`]: the one for plain-HTTP upstreams, over
 //!   tokengate's own HTTP/1.1 client codec, [`h1`]).
+//! - [`ctx`]: what the layers tell each other about a request (its one extension).
 //! - [`error`]: every request-path error and the one place it becomes a response.
 //! - [`auth`]: the exchange ([`auth::exchange`], [`auth::crypto`]), [`auth::token`] and the
 //!   token cache ([`auth::cache`]).
@@ -35,6 +36,7 @@ pub mod auth;
 pub mod body;
 pub mod chunked;
 pub mod config;
+pub mod ctx;
 pub mod demo;
 pub mod error;
 pub mod framing;

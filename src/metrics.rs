@@ -1,18 +1,18 @@
 //! Prometheus metrics (`/metrics` on the admin listener), and the middleware that observes every
 //! request: it counts it by route and status, times it, and writes its access-log line. The
-//! matched route reaches it through a [`RouteSlot`] the route filter fills in.
+//! matched route reaches it through the request's [`Ctx`], which the route filter fills in.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use pin_project_lite::pin_project;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -21,20 +21,30 @@ use prometheus_client::registry::Registry;
 use tower::{Layer, Service};
 
 use crate::auth::cache::TokenSource;
-use crate::route::Route;
+use crate::ctx::Ctx;
 
 /// The label of requests no route matched.
 pub const NO_ROUTE: &str = "none";
 
+/// A label value shared with the route it names: no copy per request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct Label(Arc<str>);
+
+impl EncodeLabelValue for Label {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&&*self.0, encoder)
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    route: String,
+    route: Label,
     status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
-    route: String,
+    route: Label,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -59,6 +69,8 @@ pub struct Metrics {
     token_expiry: Family<CredentialLabels, Gauge<f64, AtomicU64>>,
     backoff_active: Family<CredentialLabels, Gauge>,
     hibernating: Gauge,
+    /// The route label of requests no route matched.
+    no_route: Label,
 }
 
 impl Metrics {
@@ -123,6 +135,7 @@ impl Metrics {
             token_expiry,
             backoff_active,
             hibernating,
+            no_route: Label(NO_ROUTE.into()),
         })
     }
 
@@ -142,9 +155,9 @@ impl Metrics {
     }
 
     /// Records a replay after a 401 on `route`.
-    pub fn retry(&self, route: &str) {
+    pub fn retry(&self, route: &Arc<str>) {
         let labels = RouteLabels {
-            route: route.to_owned(),
+            route: Label(route.clone()),
         };
         self.retries.get_or_create(&labels).inc();
     }
@@ -176,21 +189,6 @@ impl std::fmt::Debug for Metrics {
         f.write_str("Metrics")
     }
 }
-
-/// Where the route filter writes the route a request matched.
-#[derive(Clone, Debug, Default)]
-pub struct RouteSlot(Arc<OnceLock<Arc<Route>>>);
-
-impl RouteSlot {
-    /// Records the matched route.
-    pub fn set(&self, route: &Arc<Route>) {
-        let _ = self.0.set(route.clone());
-    }
-}
-
-/// Marks a response that answers a replay after a 401.
-#[derive(Clone, Copy, Debug)]
-pub struct Replayed;
 
 /// Records `tokengate_requests_total` and `tokengate_request_duration_seconds`.
 #[derive(Clone, Debug)]
@@ -236,8 +234,15 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let slot = RouteSlot::default();
-        req.extensions_mut().insert(slot.clone());
+        // Requests that did not come through the accept loop (tests) get their context here.
+        let ctx = match Ctx::of(&req) {
+            Some(ctx) => ctx.clone(),
+            None => {
+                let ctx = Ctx::new(None, None);
+                req.extensions_mut().insert(ctx.clone());
+                ctx
+            }
+        };
         // The host is kept only for the access log, and only when that is on.
         let host = if tracing::enabled!(target: "tokengate::access", tracing::Level::INFO) {
             match req.uri().authority() {
@@ -256,7 +261,7 @@ where
             host,
             inner: self.inner.call(req),
             metrics: self.metrics.clone(),
-            slot,
+            ctx,
             started: Instant::now(),
         }
     }
@@ -268,7 +273,7 @@ pin_project! {
         #[pin]
         inner: F,
         metrics: Arc<Metrics>,
-        slot: RouteSlot,
+        ctx: Ctx,
         started: Instant,
         method: http::Method,
         host: Option<String>,
@@ -286,11 +291,12 @@ where
         let result = ready!(this.inner.poll(cx));
         if let Ok(response) = &result {
             let latency = this.started.elapsed();
-            let route = this.slot.0.get();
+            let route = this.ctx.route().map(|r| &r.route);
             let route_name = route.map_or(NO_ROUTE, |r| r.name.as_ref());
             let status = response.status().as_u16();
             let labels = RequestLabels {
-                route: route_name.to_owned(),
+                route: route
+                    .map_or_else(|| this.metrics.no_route.clone(), |r| Label(r.name.clone())),
                 status,
             };
             this.metrics.requests.get_or_create(&labels).inc();
@@ -304,7 +310,7 @@ where
                 host = this.host.as_deref(),
                 status,
                 latency_ms = latency.as_secs_f64() * 1000.0,
-                retried = response.extensions().get::<Replayed>().is_some(),
+                retried = this.ctx.replayed(),
                 credential = route.map(|r| r.credential.name().as_ref()),
                 bytes = response
                     .headers()

@@ -6,14 +6,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::future::BoxFuture;
-use http::{Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use tower::{Layer, Service, ServiceExt};
 
-use crate::auth::inject::UsedToken;
 use crate::body::ProxyBody;
+use crate::ctx::Ctx;
 use crate::error::ProxyError;
-use crate::metrics::{Metrics, Replayed};
-use crate::route::RouteCtx;
+use crate::metrics::Metrics;
 
 /// Replays a request once when the upstream answers 401 to an injected token.
 #[derive(Debug, Clone)]
@@ -66,43 +65,71 @@ where
     fn call(&mut self, req: Request<ProxyBody>) -> Self::Future {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let ctx = req.extensions().get::<RouteCtx>().cloned();
-        let replay = replayable_copy(&req);
+        let replay = Replay::of(&req);
         let metrics = self.metrics.clone();
         Box::pin(async move {
             let response = inner.call(req).await?;
             if response.status() != StatusCode::UNAUTHORIZED {
                 return Ok(response);
             }
-            let (Some(ctx), Some(&UsedToken(generation))) = (ctx, response.extensions().get())
+            let Some(replay) = replay else {
+                return Ok(response); // not routed: the 401 is not about a token of ours
+            };
+            let (Some(route), Some(generation)) =
+                (replay.ctx.route(), replay.ctx.token_generation())
             else {
                 return Ok(response); // no token of ours was used: the 401 is the client's
             };
-            ctx.route.credential.invalidate_if_current(generation).await;
-            let Some(replay) = replay else {
-                tracing::debug!(route = %ctx.route.name, "401 on a streamed body; not replayed");
+            route
+                .route
+                .credential
+                .invalidate_if_current(generation)
+                .await;
+            let Some(body) = replay.body else {
+                tracing::debug!(route = %route.route.name, "401 on a streamed body; not replayed");
                 return Ok(response);
             };
-            tracing::debug!(route = %ctx.route.name, generation, "401; replaying with a fresh token");
+            tracing::debug!(route = %route.route.name, generation, "401; replaying with a fresh token");
             drop(response);
-            metrics.retry(&ctx.route.name);
-            let mut response = inner.ready().await?.call(replay).await?;
-            response.extensions_mut().insert(Replayed);
-            Ok(response)
+            metrics.retry(&route.route.name);
+            replay.ctx.mark_replayed();
+            let mut again = Request::new(body);
+            *again.method_mut() = replay.method;
+            *again.uri_mut() = replay.uri;
+            *again.headers_mut() = replay.headers;
+            again.extensions_mut().insert(replay.ctx.clone());
+            inner.ready().await?.call(again).await
         })
     }
 }
 
-/// A copy of `req` for a replay, if its body is buffered.
-fn replayable_copy(req: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
-    let body = req.body().try_clone()?;
-    let mut copy = Request::new(body);
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    if let Some(ctx) = req.extensions().get::<RouteCtx>() {
-        copy.extensions_mut().insert(ctx.clone());
+/// What a replay needs of a request whose body is held whole; the request itself is built only
+/// if the upstream answers 401.
+struct Replay {
+    ctx: Ctx,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    /// The body, if it can be sent again.
+    body: Option<ProxyBody>,
+}
+
+impl Replay {
+    /// The parts of routed `req` a replay needs (no copy of a body that streams).
+    fn of(req: &Request<ProxyBody>) -> Option<Self> {
+        let ctx = Ctx::of(req)?.clone();
+        let body = req.body().try_clone();
+        let replayable = body.is_some();
+        Some(Self {
+            ctx,
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            headers: if replayable {
+                req.headers().clone()
+            } else {
+                HeaderMap::new()
+            },
+            body,
+        })
     }
-    Some(copy)
 }

@@ -10,9 +10,9 @@ use serde::Deserialize;
 use tower::filter::Predicate;
 
 use crate::auth::cache::TokenSource;
+use crate::ctx::Ctx;
 use crate::error::{BoxError, ProxyError};
 use crate::gateway::SharedLive;
-use crate::metrics::RouteSlot;
 use crate::upstream::UpstreamClient;
 
 /// What to do with an `Authorization` header the client sent itself.
@@ -178,7 +178,7 @@ impl Routes {
     }
 }
 
-/// The route a request was matched to, carried in its extensions.
+/// The route a request was matched to, recorded in its [`Ctx`].
 #[derive(Debug, Clone)]
 pub struct RouteCtx {
     /// The matched route.
@@ -228,6 +228,9 @@ pub fn route_request<B>(routes: &Routes, req: &mut Request<B>) -> Result<(), Pro
         return Err(ProxyError::MethodNotAllowed(req.method().clone()));
     }
     crate::hop::check_framing(req)?;
+    let ctx = Ctx::of(req)
+        .ok_or(ProxyError::Internal("request without a context"))?
+        .clone();
     // HTTP/1 absolute-form (`GET http://host/x`) is how an HTTP_PROXY client speaks; HTTP/2
     // always carries :authority, so there only the scheme-less origin form exists.
     let absolute_form = req.version() < Version::HTTP_2 && req.uri().scheme().is_some();
@@ -241,9 +244,6 @@ pub fn route_request<B>(routes: &Routes, req: &mut Request<B>) -> Result<(), Pro
         .ok_or(ProxyError::NoRoute { absolute_form })?
         .clone();
 
-    if let Some(slot) = req.extensions().get::<RouteSlot>() {
-        slot.set(&route);
-    }
     let has_client_auth = req.headers().contains_key(AUTHORIZATION);
     let inject = match route.client_authorization {
         ClientAuthorization::Reject if has_client_auth => {
@@ -272,7 +272,7 @@ pub fn route_request<B>(routes: &Routes, req: &mut Request<B>) -> Result<(), Pro
     if inject {
         headers.remove(AUTHORIZATION);
     }
-    req.extensions_mut().insert(RouteCtx { route, inject });
+    ctx.set_route(RouteCtx { route, inject });
     Ok(())
 }
 

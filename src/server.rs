@@ -19,10 +19,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tower::{Service, ServiceExt};
-use tower_http::add_extension::AddExtension;
 
-use crate::access::ClientAddr;
 use crate::config::ServerConfig;
+use crate::ctx::Ctx;
 use crate::error::BoxError;
 use crate::framing::{self, Verdicts, Watched};
 use crate::gateway::Gateway;
@@ -259,16 +258,17 @@ pub async fn serve<S, B>(
             _ = stop.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        // The framing watch reads the client's bytes; its verdicts mark the requests hyper parses.
+        // The framing watch reads the client's bytes; its verdict on each request hyper parses
+        // goes into the request's context, with the client's address.
         let verdicts = Arc::new(Verdicts::default());
         let marking = verdicts.clone();
         let service = service
             .clone()
             .map_request(move |mut req: Request<Incoming>| {
-                marking.mark(&mut req);
+                let ctx = Ctx::new(Some(peer), marking.next());
+                req.extensions_mut().insert(ctx);
                 req
             });
-        let service = AddExtension::new(service, ClientAddr(peer));
         let (http, mut stop, tls) = (http.clone(), stop.clone(), limits.tls.clone());
         tokio::spawn(async move {
             match tls {

@@ -13,9 +13,9 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower::Service;
 
 use crate::body::{BodyError, Guarded, PeerBody, ProxyBody, ProxyResponse, Side};
+use crate::ctx::Ctx;
 use crate::error::{BoxError, ProxyError};
 use crate::pool::{Pool, PoolError};
-use crate::route::RouteCtx;
 use crate::tls::Connector;
 
 /// How long an idle pooled upstream connection is kept.
@@ -118,11 +118,7 @@ impl Service<Request<ProxyBody>> for Upstream {
     }
 
     fn call(&mut self, req: Request<ProxyBody>) -> Self::Future {
-        let Some(client) = req
-            .extensions()
-            .get::<RouteCtx>()
-            .map(|c| c.route.client.clone())
-        else {
+        let Some(client) = Ctx::route_of(&req).map(|c| c.route.client.clone()) else {
             return Box::pin(std::future::ready(Err(ProxyError::Internal(
                 "request without a route",
             ))));

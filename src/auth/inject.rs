@@ -1,5 +1,6 @@
 //! Bearer injection: sets `Authorization` from the route's credential (cache hit, or the shared
-//! exchange) and records which token was used, so a 401 can invalidate exactly that one.
+//! exchange) and records in the request's [`Ctx`] which token was used, so a 401 can invalidate
+//! exactly that one.
 
 use std::task::{Context, Poll};
 
@@ -8,12 +9,8 @@ use http::header::AUTHORIZATION;
 use http::{Request, Response};
 use tower::{Layer, Service};
 
+use crate::ctx::Ctx;
 use crate::error::ProxyError;
-use crate::route::RouteCtx;
-
-/// The generation of the token a request was sent with, in the response's extensions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UsedToken(pub u64);
 
 /// Injects the credential's bearer token into every routed request that wants one.
 #[derive(Debug, Clone, Copy, Default)]
@@ -51,15 +48,14 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            let ctx = req
-                .extensions()
-                .get::<RouteCtx>()
-                .filter(|ctx| ctx.inject)
-                .cloned();
-            let Some(ctx) = ctx else {
+            let ctx = Ctx::of(&req).filter(|c| c.route().is_some_and(|r| r.inject));
+            let Some(ctx) = ctx.cloned() else {
                 return inner.call(req).await;
             };
-            let source = &ctx.route.credential;
+            let Some(route) = ctx.route() else {
+                return Err(ProxyError::Internal("route vanished"));
+            };
+            let source = &route.route.credential;
             let token = source.token().await.map_err(|no| ProxyError::Auth {
                 credential: source.name().clone(),
                 source: no.error,
@@ -68,11 +64,8 @@ where
             // Set after hop-by-hop stripping, so nothing the client sent can remove or double it.
             req.headers_mut()
                 .insert(AUTHORIZATION, token.header().clone());
-            let mut response = inner.call(req).await?;
-            response
-                .extensions_mut()
-                .insert(UsedToken(token.generation()));
-            Ok(response)
+            ctx.sent_with(token.generation());
+            inner.call(req).await
         })
     }
 }

@@ -1,0 +1,94 @@
+//! What the layers of the request path tell each other about one request: one shared value,
+//! [`Ctx`], the only extension a request carries. The accept loop creates it (client address,
+//! the framing watch's verdict); the route filter records the route; bearer injection records
+//! the token it sent; the retry layer marks a replay; the observing layer reads it all back for
+//! metrics and the access log once the response is out.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use http::Request;
+
+use crate::framing::Refusal;
+use crate::route::RouteCtx;
+
+/// No token was injected.
+const NO_TOKEN: u64 = u64::MAX;
+
+/// The shared context of one request; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Ctx(Arc<Inner>);
+
+#[derive(Debug)]
+struct Inner {
+    peer: Option<SocketAddr>,
+    refusal: Option<Refusal>,
+    route: OnceLock<RouteCtx>,
+    token: AtomicU64,
+    replayed: AtomicBool,
+}
+
+impl Ctx {
+    /// The context of a request from `peer` (if known), refused by the framing watch for
+    /// `refusal` (if it was).
+    pub fn new(peer: Option<SocketAddr>, refusal: Option<Refusal>) -> Self {
+        Self(Arc::new(Inner {
+            peer,
+            refusal,
+            route: OnceLock::new(),
+            token: AtomicU64::new(NO_TOKEN),
+            replayed: AtomicBool::new(false),
+        }))
+    }
+
+    /// The context `req` carries, if any.
+    pub fn of<B>(req: &Request<B>) -> Option<&Ctx> {
+        req.extensions().get::<Ctx>()
+    }
+
+    /// The route `req` was matched to, if it has been.
+    pub fn route_of<B>(req: &Request<B>) -> Option<&RouteCtx> {
+        Self::of(req).and_then(Ctx::route)
+    }
+
+    /// The client's address.
+    pub fn peer(&self) -> Option<SocketAddr> {
+        self.0.peer
+    }
+
+    /// Why the framing watch refused this request's head, if it did.
+    pub fn refusal(&self) -> Option<Refusal> {
+        self.0.refusal
+    }
+
+    /// Records the matched route (once; later calls change nothing).
+    pub fn set_route(&self, route: RouteCtx) {
+        let _ = self.0.route.set(route);
+    }
+
+    /// The matched route, once the route filter has run.
+    pub fn route(&self) -> Option<&RouteCtx> {
+        self.0.route.get()
+    }
+
+    /// Records that the request went upstream with the token of `generation`.
+    pub fn sent_with(&self, generation: u64) {
+        self.0.token.store(generation, Ordering::Relaxed);
+    }
+
+    /// The generation of the token the request last went upstream with, if one was injected.
+    pub fn token_generation(&self) -> Option<u64> {
+        Some(self.0.token.load(Ordering::Relaxed)).filter(|&g| g != NO_TOKEN)
+    }
+
+    /// Marks the request as replayed after a 401.
+    pub fn mark_replayed(&self) {
+        self.0.replayed.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the request was replayed after a 401.
+    pub fn replayed(&self) -> bool {
+        self.0.replayed.load(Ordering::Relaxed)
+    }
+}
