@@ -68,6 +68,10 @@ class Proc:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
+    def user_seconds(self):
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) / CLK_TCK
+
     def rss_mb(self):
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -436,29 +440,43 @@ def profile(procs, seconds):
 
 
 def variants(procs, specs, rounds, seconds):
-    """A/B(/C...) of tokengate builds or settings, alternated so drift hits each alike."""
+    """A/B(/C...) of tokengate builds or settings, alternated so drift hits each alike. A variant
+    labelled `nginx` is the nginx peer proxy instead, for a side-by-side of the same rounds."""
     parsed = []
     for spec in specs:
         label, *settings = spec.split(",")
         kv = dict(s.split("=", 1) for s in settings)
         parsed.append((label, Path(kv.pop("bin", BIN)), kv))
-    seen = {label: {"rps": [], "cpu_us": []} for label, _, _ in parsed}
+    token = None
+    if any(label == "nginx" for label, _, _ in parsed):
+        tg = start_tokengate()
+        token = re.search(r"token\s+(\S+)", sh(str(BIN), "token", "--config", str(WORK / "proxy.toml"),
+                                               "bench", "--show", env={**os.environ, "BENCH_SECRET": SECRET})).group(1)
+        tg.stop()
+    seen = {label: {"rps": [], "cpu_us": [], "user_us": []} for label, _, _ in parsed}
     for r in range(rounds):
         for label, binary, env in parsed:
-            tg = start_tokengate(binary=binary, extra_env=env)
-            procs.append(tg)
-            wrk(TOKENGATE, "1k", 2, [])  # warm
-            rps, cpu = measured(tg, lambda: wrk(TOKENGATE, "1k", seconds, []))
-            tg.stop()
-            procs.remove(tg)
+            if label == "nginx":
+                proc, port = start_nginx_proxy(token), NGINX
+                wait_port(NGINX)
+            else:
+                proc, port = start_tokengate(binary=binary, extra_env=env), TOKENGATE
+            procs.append(proc)
+            wrk(port, "1k", 2, [])  # warm
+            user0 = proc.user_seconds()
+            rps, cpu = measured(proc, lambda: wrk(port, "1k", seconds, []))
+            user = (proc.user_seconds() - user0) * 1e6 / (rps * seconds)
+            proc.stop()
+            procs.remove(proc)
             seen[label]["rps"].append(rps)
             seen[label]["cpu_us"].append(cpu)
-            print(f"round {r + 1} {label}: {rps:,.0f} req/s, {cpu:.1f} µs/request", flush=True)
-    print("\n| variant | req/s (median) | CPU µs/request (median) | spread req/s | spread CPU |")
-    print("|---|---|---|---|---|")
+            seen[label]["user_us"].append(user)
+            print(f"round {r + 1} {label}: {rps:,.0f} req/s, {cpu:.1f} µs/request ({user:.1f} user)", flush=True)
+    print("\n| variant | req/s (median) | CPU µs/request (median) | of it user | spread req/s | spread CPU |")
+    print("|---|---|---|---|---|---|")
     for label, s in seen.items():
-        print(f"| {label} | {med(s['rps']):,.0f} | {med(s['cpu_us']):.1f} | {spread(s['rps']):.1%} | "
-              f"{spread(s['cpu_us']):.1%} |")
+        print(f"| {label} | {med(s['rps']):,.0f} | {med(s['cpu_us']):.1f} | {med(s['user_us']):.1f} | "
+              f"{spread(s['rps']):.1%} | {spread(s['cpu_us']):.1%} |")
 
 
 def report(results):

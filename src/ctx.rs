@@ -1,15 +1,17 @@
 //! What the layers of the request path tell each other about one request: one shared value,
 //! [`Ctx`], the only extension a request carries. The accept loop creates it (client address,
 //! the framing watch's verdict); the route filter records the route; bearer injection records
-//! the token it sent; the retry layer marks a replay; the observing layer reads it all back for
-//! metrics and the access log once the response is out.
+//! the token it sent; the upstream layer leaves a request answered 401 for the retry layer,
+//! which marks the replay; the observing layer reads it all back for metrics and the access log
+//! once the response is out.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use http::Request;
 
+use crate::body::ProxyBody;
 use crate::framing::Refusal;
 use crate::route::RouteCtx;
 
@@ -26,6 +28,7 @@ struct Inner {
     refusal: Option<Refusal>,
     route: OnceLock<RouteCtx>,
     token: AtomicU64,
+    unanswered: Mutex<Option<Box<Request<ProxyBody>>>>,
     replayed: AtomicBool,
 }
 
@@ -38,6 +41,7 @@ impl Ctx {
             refusal,
             route: OnceLock::new(),
             token: AtomicU64::new(NO_TOKEN),
+            unanswered: Mutex::new(None),
             replayed: AtomicBool::new(false),
         }))
     }
@@ -80,6 +84,26 @@ impl Ctx {
     /// The generation of the token the request last went upstream with, if one was injected.
     pub fn token_generation(&self) -> Option<u64> {
         Some(self.0.token.load(Ordering::Relaxed)).filter(|&g| g != NO_TOKEN)
+    }
+
+    /// Leaves `req`, answered 401 and with its body held whole, for a replay.
+    pub fn keep_unanswered(&self, req: Request<ProxyBody>) {
+        *self
+            .0
+            .unanswered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Box::new(req));
+    }
+
+    /// The request left by [`Ctx::keep_unanswered`], if any.
+    pub fn take_unanswered(&self) -> Option<Request<ProxyBody>> {
+        let kept = self
+            .0
+            .unanswered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        kept.map(|req| *req)
     }
 
     /// Marks the request as replayed after a 401.

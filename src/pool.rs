@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use http::uri::Authority;
-use http::{Request, Response};
+use http::{Request, Response, request};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -97,24 +97,15 @@ impl Pool {
         })
     }
 
-    /// Sends `req` (its URI becomes origin-form) and returns the response, whose body gives
-    /// the connection back when it has been read to its end.
+    /// Sends the request of `parts` with the whole `body` (its URI goes out in origin form) and
+    /// returns the response, whose body gives the connection back when it has been read to its
+    /// end. The request stays the caller's, for a replay.
     pub async fn send(
         self: &Arc<Self>,
-        req: Request<ProxyBody>,
+        parts: &request::Parts,
+        body: &[u8],
     ) -> Result<Response<PeerBody>, PoolError> {
-        let (parts, body) = req.into_parts();
-        let body = match body {
-            ProxyBody::Full(bytes) => bytes.unwrap_or_default(),
-            streaming @ ProxyBody::Streaming(_) => {
-                let req = Request::from_parts(parts, streaming);
-                let response = self.streaming.request(req).await;
-                return response
-                    .map(|r| r.map(PeerBody::Hyper))
-                    .map_err(PoolError::Streamed);
-            }
-        };
-        let head = h1::encode_head(&parts, body.len());
+        let head = h1::encode_head(parts, body.len());
         let mut fresh = false;
         loop {
             let (conn, reused) = match self.checkout(fresh) {
@@ -122,7 +113,7 @@ impl Pool {
                 None => (self.connect().await?, false),
             };
             let home = self.clone() as Arc<dyn h1::Home>;
-            match h1::exchange(conn, &head, &body, &parts.method, home).await {
+            match h1::exchange(conn, &head, body, &parts.method, home).await {
                 Ok((head, body)) => return Ok(Response::from_parts(head, PeerBody::H1(body))),
                 Err(failed)
                     if reused
@@ -135,6 +126,17 @@ impl Pool {
                 Err(failed) => return Err(PoolError::Exchange(failed.error)),
             }
         }
+    }
+
+    /// Sends `req`, whose body streams, through hyper's client.
+    pub async fn send_streaming(
+        &self,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<PeerBody>, PoolError> {
+        let response = self.streaming.request(req).await;
+        response
+            .map(|r| r.map(PeerBody::Hyper))
+            .map_err(PoolError::Streamed)
     }
 
     /// The most recently used idle connection that can carry a request (none if `fresh`).
@@ -274,12 +276,24 @@ mod tests {
         req
     }
 
+    /// Sends `req` (whose body is whole) through `pool`.
+    async fn send_one(
+        pool: &Arc<Pool>,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<PeerBody>, PoolError> {
+        let (parts, body) = req.into_parts();
+        let ProxyBody::Full(body) = body else {
+            panic!("a whole body");
+        };
+        pool.send(&parts, &body.unwrap_or_default()).await
+    }
+
     /// Sends `req` and reads the whole answer as hyper's server would.
     async fn send(
         pool: &Arc<Pool>,
         req: Request<ProxyBody>,
     ) -> Result<(StatusCode, HeaderMap, Bytes), PoolError> {
-        let response = pool.send(req).await?;
+        let response = send_one(pool, req).await?;
         let (parts, body) = response.into_parts();
         let body = body.collect().await.expect("whole body").to_bytes();
         Ok((parts.status, parts.headers, body))
@@ -308,8 +322,8 @@ mod tests {
         );
 
         // A response not yet read keeps its connection: a second request gets another.
-        let first = pool.send(request(Method::GET, b"")).await.unwrap();
-        let second = pool.send(request(Method::GET, b"")).await.unwrap();
+        let first = send_one(&pool, request(Method::GET, b"")).await.unwrap();
+        let second = send_one(&pool, request(Method::GET, b"")).await.unwrap();
         assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
         drop((first, second));
     }
@@ -424,7 +438,7 @@ mod tests {
         for (i, answer) in bad.into_iter().enumerate() {
             let up = scripted(vec![Answer::SendAndClose(answer)]).await;
             let pool = Pool::new(up.authority.clone(), Duration::from_secs(5));
-            let failed = match pool.send(request(Method::GET, b"")).await {
+            let failed = match send_one(&pool, request(Method::GET, b"")).await {
                 Err(e) => e.to_string(),
                 Ok(response) => match response.into_body().collect().await {
                     Err(e) => e.to_string(),
@@ -445,8 +459,7 @@ mod tests {
         );
         let up = scripted(vec![Answer::Send(huge)]).await;
         let pool = Pool::new(up.authority.clone(), Duration::from_secs(5));
-        let failed = pool
-            .send(request(Method::GET, b""))
+        let failed = send_one(&pool, request(Method::GET, b""))
             .await
             .expect_err("too large");
         assert!(

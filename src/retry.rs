@@ -1,12 +1,19 @@
 //! Retry once on 401: invalidate the token that was used (if still current), then replay the
 //! buffered request with a fresh token. Streaming bodies are not replayed; a second 401 goes to
 //! the client.
+//!
+//! Nothing is copied up front: the upstream layer, which consumes the request, hands it back
+//! through the request's [`Ctx`] when the answer is 401 and the body was held whole. A request
+//! that is not answered 401 costs this layer one service clone and no allocation.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use futures_util::future::BoxFuture;
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http::{Request, Response, StatusCode};
+use pin_project_lite::pin_project;
 use tower::{Layer, Service, ServiceExt};
 
 use crate::body::ProxyBody;
@@ -56,80 +63,116 @@ where
 {
     type Response = Response<RB>;
     type Error = ProxyError;
-    type Future = BoxFuture<'static, Result<Response<RB>, ProxyError>>;
+    type Future = ResponseFuture<S, RB>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<ProxyBody>) -> Self::Future {
+        let ctx = Ctx::of(&req).cloned();
+        // The inner service was made ready by poll_ready; the clone takes its place, and the
+        // ready one is kept for a replay.
         let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let replay = Replay::of(&req);
-        let metrics = self.metrics.clone();
-        Box::pin(async move {
-            let response = inner.call(req).await?;
-            if response.status() != StatusCode::UNAUTHORIZED {
-                return Ok(response);
-            }
-            let Some(replay) = replay else {
-                return Ok(response); // not routed: the 401 is not about a token of ours
-            };
-            let (Some(route), Some(generation)) =
-                (replay.ctx.route(), replay.ctx.token_generation())
-            else {
-                return Ok(response); // no token of ours was used: the 401 is the client's
-            };
-            route
-                .route
-                .credential
-                .invalidate_if_current(generation)
-                .await;
-            let Some(body) = replay.body else {
-                tracing::debug!(route = %route.route.name, "401 on a streamed body; not replayed");
-                return Ok(response);
-            };
-            tracing::debug!(route = %route.route.name, generation, "401; replaying with a fresh token");
-            drop(response);
-            metrics.retry(&route.route.name);
-            replay.ctx.mark_replayed();
-            let mut again = Request::new(body);
-            *again.method_mut() = replay.method;
-            *again.uri_mut() = replay.uri;
-            *again.headers_mut() = replay.headers;
-            again.extensions_mut().insert(replay.ctx.clone());
-            inner.ready().await?.call(again).await
-        })
+        let first = self.inner.call(req);
+        ResponseFuture::First {
+            first,
+            again: Some(Again {
+                inner: clone,
+                ctx,
+                metrics: self.metrics.clone(),
+            }),
+        }
     }
 }
 
-/// What a replay needs of a request whose body is held whole; the request itself is built only
-/// if the upstream answers 401.
-struct Replay {
-    ctx: Ctx,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    /// The body, if it can be sent again.
-    body: Option<ProxyBody>,
+/// What a replay needs besides the request, which the upstream layer leaves in the request's
+/// [`Ctx`] when its answer is 401 ([`Ctx::take_unanswered`]).
+struct Again<S> {
+    inner: S,
+    ctx: Option<Ctx>,
+    metrics: Arc<Metrics>,
 }
 
-impl Replay {
-    /// The parts of routed `req` a replay needs (no copy of a body that streams).
-    fn of(req: &Request<ProxyBody>) -> Option<Self> {
-        let ctx = Ctx::of(req)?.clone();
-        let body = req.body().try_clone();
-        let replayable = body.is_some();
-        Some(Self {
+pin_project! {
+    /// The future of [`RetryOn401`]: the first attempt, and only after a 401 a boxed replay.
+    #[project = Proj]
+    pub enum ResponseFuture<S: Service<Request<ProxyBody>>, RB> {
+        /// The first attempt.
+        First { #[pin] first: S::Future, again: Option<Again<S>> },
+        /// Invalidating the token and replaying.
+        Replay { replay: BoxFuture<'static, Result<Response<RB>, ProxyError>> },
+    }
+}
+
+impl<S, RB> Future for ResponseFuture<S, RB>
+where
+    S: Service<Request<ProxyBody>, Response = Response<RB>, Error = ProxyError> + Send + 'static,
+    S::Future: Send,
+    RB: Send + 'static,
+{
+    type Output = Result<Response<RB>, ProxyError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let replay = match self.as_mut().project() {
+                Proj::Replay { replay } => return replay.as_mut().poll(cx),
+                Proj::First { first, again } => {
+                    let response = ready!(first.poll(cx))?;
+                    if response.status() != StatusCode::UNAUTHORIZED {
+                        return Poll::Ready(Ok(response));
+                    }
+                    let Some(again) = again.take() else {
+                        return Poll::Ready(Err(ProxyError::Internal("polled after a 401")));
+                    };
+                    match again.replay(response) {
+                        Ok(replay) => replay,
+                        Err(response) => return Poll::Ready(Ok(response)),
+                    }
+                }
+            };
+            self.set(ResponseFuture::Replay { replay });
+        }
+    }
+}
+
+impl<S> Again<S> {
+    /// The replay for a 401 `response`, or the response itself when it goes to the client.
+    fn replay<RB>(
+        self,
+        response: Response<RB>,
+    ) -> Result<BoxFuture<'static, Result<Response<RB>, ProxyError>>, Response<RB>>
+    where
+        S: Service<Request<ProxyBody>, Response = Response<RB>, Error = ProxyError>
+            + Send
+            + 'static,
+        S::Future: Send,
+        RB: Send + 'static,
+    {
+        let Self {
+            mut inner,
             ctx,
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            headers: if replayable {
-                req.headers().clone()
-            } else {
-                HeaderMap::new()
-            },
-            body,
-        })
+            metrics,
+        } = self;
+        let Some(ctx) = ctx else {
+            return Err(response); // not routed: the 401 is not about a token of ours
+        };
+        let (Some(route), Some(generation)) = (ctx.route(), ctx.token_generation()) else {
+            return Err(response); // no token of ours was used: the 401 is the client's
+        };
+        let route = route.route.clone();
+        let unanswered = ctx.take_unanswered();
+        Ok(Box::pin(async move {
+            route.credential.invalidate_if_current(generation).await;
+            let Some(req) = unanswered else {
+                tracing::debug!(route = %route.name, "401 on a streamed body; not replayed");
+                return Ok(response);
+            };
+            tracing::debug!(route = %route.name, generation, "401; replaying with a fresh token");
+            drop(response);
+            metrics.retry(&route.name);
+            ctx.mark_replayed();
+            inner.ready().await?.call(req).await
+        }))
     }
 }

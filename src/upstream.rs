@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use http::Request;
+use http::{Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower::Service;
@@ -129,23 +129,43 @@ impl Service<Request<ProxyBody>> for Upstream {
             body_idle,
         } = *self;
         Box::pin(async move {
+            // The request answered 401 goes back to the retry layer, if its body is whole.
+            let mut again = None;
             let sent = async {
                 match client {
                     // tokengate's client has left hop-by-hop headers out already.
-                    UpstreamClient::Plain(pool) => pool
-                        .send(req)
-                        .await
-                        .map_err(|e| pool_error(e, connect_timeout)),
-                    UpstreamClient::Tls(client) => client
-                        .request(req)
-                        .await
-                        .map(|response| response.map(PeerBody::Hyper))
-                        .map_err(|e| client_error(e, connect_timeout)),
+                    UpstreamClient::Plain(pool) => match req.into_parts() {
+                        (parts, ProxyBody::Full(body)) => {
+                            let sent = pool.send(&parts, body.as_deref().unwrap_or_default());
+                            let response = sent.await;
+                            again = Some(Request::from_parts(parts, ProxyBody::Full(body)));
+                            response
+                        }
+                        (parts, streaming) => {
+                            let req = Request::from_parts(parts, streaming);
+                            pool.send_streaming(req).await
+                        }
+                    }
+                    .map_err(|e| pool_error(e, connect_timeout)),
+                    UpstreamClient::Tls(client) => {
+                        again = whole_copy(&req);
+                        client
+                            .request(req)
+                            .await
+                            .map(|response| response.map(PeerBody::Hyper))
+                            .map_err(|e| client_error(e, connect_timeout))
+                    }
                 }
             };
             let response = tokio::time::timeout(timeout, sent)
                 .await
                 .map_err(|_| ProxyError::UpstreamTimeout(timeout))??;
+            if response.status() == StatusCode::UNAUTHORIZED
+                && let Some(again) = again
+                && let Some(ctx) = Ctx::of(&again).cloned()
+            {
+                ctx.keep_unanswered(again);
+            }
             let (mut parts, body) = response.into_parts();
             if matches!(body, PeerBody::Hyper(_)) {
                 crate::hop::strip(&mut parts.headers);
@@ -154,4 +174,19 @@ impl Service<Request<ProxyBody>> for Upstream {
             Ok(ProxyResponse::from_parts(parts, ProxyBody::Streaming(body)))
         })
     }
+}
+
+/// A copy of `req` for a replay, if its body is held whole (hyper's client consumes the
+/// request; tokengate's own gives it back).
+fn whole_copy(req: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
+    let body = req.body().try_clone()?;
+    let mut copy = Request::new(body);
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    if let Some(ctx) = Ctx::of(req) {
+        copy.extensions_mut().insert(ctx.clone());
+    }
+    Some(copy)
 }

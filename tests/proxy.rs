@@ -1193,6 +1193,24 @@ credential = "partner"
         1,
         "no request reached an upstream we do not trust"
     );
+
+    // A revoked token over HTTPS (hyper's client, which consumes the request): the copy taken
+    // before sending is replayed byte for byte.
+    h.upstream.revoke_seen();
+    let body = b"over tls, twice".to_vec();
+    let req = Request::post(h.url("/trusted/orders"))
+        .body(full(body.clone()))
+        .unwrap();
+    let (status, _, echo) = send(&client, req).await;
+    assert_eq!(status, StatusCode::OK, "{echo:?}");
+    let log = h.upstream.log();
+    let posts: Vec<_> = log
+        .iter()
+        .filter(|s| s.target == "POST /trusted/orders")
+        .collect();
+    assert_eq!(posts.len(), 2, "one 401, one replay: {log:?}");
+    assert_eq!((posts[0].status, posts[1].status), (401, 200));
+    assert_eq!(posts[1].body.as_ref(), body.as_slice());
     drop(tls_upstream);
 }
 

@@ -3,8 +3,9 @@
 //! exactly that one.
 
 use std::task::{Context, Poll};
+use std::time::Instant;
 
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, Either};
 use http::header::AUTHORIZATION;
 use http::{Request, Response};
 use tower::{Layer, Service};
@@ -38,34 +39,42 @@ where
 {
     type Response = Response<RB>;
     type Error = ProxyError;
-    type Future = BoxFuture<'static, Result<Response<RB>, ProxyError>>;
+    /// The inner future at once when the token is warm; the cold path waits for the exchange.
+    type Future = Either<S::Future, BoxFuture<'static, Result<Response<RB>, ProxyError>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let ctx = Ctx::of(&req).filter(|c| c.route().is_some_and(|r| r.inject));
+        let Some(ctx) = ctx.cloned() else {
+            return Either::Left(self.inner.call(req));
+        };
+        let Some(route) = ctx.route().map(|r| &r.route) else {
+            return Either::Left(self.inner.call(req));
+        };
+        if let Some((header, generation)) = route.credential.warm(Instant::now()) {
+            // Set after hop-by-hop stripping, so nothing the client sent can remove or double it.
+            req.headers_mut().insert(AUTHORIZATION, header);
+            ctx.sent_with(generation);
+            return Either::Left(self.inner.call(req));
+        }
+        // Cold (or expired): wait for the cache, which runs at most one exchange for everyone.
+        let route = route.clone();
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
-            let ctx = Ctx::of(&req).filter(|c| c.route().is_some_and(|r| r.inject));
-            let Some(ctx) = ctx.cloned() else {
-                return inner.call(req).await;
-            };
-            let Some(route) = ctx.route() else {
-                return Err(ProxyError::Internal("route vanished"));
-            };
-            let source = &route.route.credential;
+        Either::Right(Box::pin(async move {
+            let source = &route.credential;
             let token = source.token().await.map_err(|no| ProxyError::Auth {
                 credential: source.name().clone(),
                 source: no.error,
                 retry_after: no.retry_after,
             })?;
-            // Set after hop-by-hop stripping, so nothing the client sent can remove or double it.
             req.headers_mut()
                 .insert(AUTHORIZATION, token.header().clone());
             ctx.sent_with(token.generation());
             inner.call(req).await
-        })
+        }))
     }
 }
