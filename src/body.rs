@@ -7,7 +7,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, Either};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -277,7 +277,8 @@ where
 {
     type Response = S::Response;
     type Error = ProxyError;
-    type Future = BoxFuture<'static, Result<S::Response, ProxyError>>;
+    /// The inner future at once, unless the body is buffered first (or refused).
+    type Future = Either<S::Future, BoxFuture<'static, Result<S::Response, ProxyError>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -291,11 +292,11 @@ where
             let too_large = ProxyError::BodyTooLarge {
                 limit: limits.max_request_body,
             };
-            return Box::pin(std::future::ready(Err(too_large)));
+            return Either::Right(Box::pin(std::future::ready(Err(too_large))));
         }
         if body.is_end_stream() {
             let request = Request::from_parts(parts, ProxyBody::Full(None));
-            return Box::pin(self.inner.call(request));
+            return Either::Left(self.inner.call(request));
         }
         let replayable = body
             .size_hint()
@@ -309,12 +310,12 @@ where
         );
         if !replayable {
             let request = Request::from_parts(parts, ProxyBody::Streaming(body));
-            return Box::pin(self.inner.call(request));
+            return Either::Left(self.inner.call(request));
         }
         // The inner service was made ready by poll_ready; the clone takes its place.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
+        Either::Right(Box::pin(async move {
             let bytes = body
                 .collect()
                 .await
@@ -323,7 +324,7 @@ where
             inner
                 .call(Request::from_parts(parts, ProxyBody::Full(Some(bytes))))
                 .await
-        })
+        }))
     }
 }
 

@@ -11,7 +11,8 @@
 //! - [`server`]: listeners, the accept loop, graceful shutdown; [`hibernate`]: idle HTTP/1
 //!   keep-alive connections give their buffers back.
 //! - [`stack`]: the request path, assembled in one place. Its layers, outside-in:
-//!   [`rescue`] (errors → JSON), [`access`] (allowed clients, shared key; a tower filter),
+//!   [`record`] (span, metrics, access log), [`rescue`] (errors → JSON), [`access`] (allowed
+//!   clients, shared key; a tower filter),
 //!   load shedding (tower), [`tunnel`] (CONNECT to listed targets, through [`ssrf`]),
 //!   [`route`] (match, rewrite, hop-by-hop; a tower filter), [`body`]
 //!   (limits, replayable bodies), [`retry`] (once on 401), [`auth::inject`] (bearer),
@@ -22,7 +23,7 @@
 //! - [`auth`]: the exchange ([`auth::exchange`], [`auth::crypto`]), [`auth::token`] and the
 //!   token cache ([`auth::cache`]).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, the credentials API; [`metrics`]: the
-//!   Prometheus registry and the recording middleware.
+//!   Prometheus registry.
 //! - [`tls`]: outbound roots and inbound certificates; [`hop`]: hop-by-hop headers, framing;
 //!   [`framing`]: the watch on the client's bytes that finds `Content-Length` + `Transfer-Encoding`;
 //!   [`chunked`]: the chunked coding, followed for the watch and decoded for [`h1`];
@@ -47,6 +48,7 @@ pub mod hop;
 pub mod metrics;
 pub mod observe;
 pub mod pool;
+pub mod record;
 pub mod rescue;
 pub mod retry;
 pub mod route;

@@ -1,27 +1,19 @@
-//! Prometheus metrics (`/metrics` on the admin listener), and the middleware that observes every
-//! request: it counts it by route and status, times it, and writes its access-log line. The
-//! matched route reaches it through the request's [`Ctx`], which the route filter fills in.
+//! Prometheus metrics (`/metrics` on the admin listener). Requests are recorded by the observing
+//! middleware, [`crate::record`].
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use http::{Request, Response};
-use pin_project_lite::pin_project;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tower::{Layer, Service};
 
 use crate::auth::cache::TokenSource;
-use crate::ctx::Ctx;
 
 /// The label of requests no route matched.
 pub const NO_ROUTE: &str = "none";
@@ -154,6 +146,16 @@ impl Metrics {
         self.exchange_duration.observe(took.as_secs_f64());
     }
 
+    /// Records a request answered with `status` after `latency`, on `route` (none matched).
+    pub fn request(&self, route: Option<&Arc<str>>, status: u16, latency: Duration) {
+        let labels = RequestLabels {
+            route: route.map_or_else(|| self.no_route.clone(), |r| Label(r.clone())),
+            status,
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.request_duration.observe(latency.as_secs_f64());
+    }
+
     /// Records a replay after a 401 on `route`.
     pub fn retry(&self, route: &Arc<str>) {
         let labels = RouteLabels {
@@ -187,137 +189,5 @@ impl Metrics {
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Metrics")
-    }
-}
-
-/// Records `tokengate_requests_total` and `tokengate_request_duration_seconds`.
-#[derive(Clone, Debug)]
-pub struct RecordLayer {
-    metrics: Arc<Metrics>,
-}
-
-impl RecordLayer {
-    /// Records into `metrics`.
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics }
-    }
-}
-
-impl<S> Layer<S> for RecordLayer {
-    type Service = Record<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Record {
-            inner,
-            metrics: self.metrics.clone(),
-        }
-    }
-}
-
-/// See [`RecordLayer`].
-#[derive(Clone, Debug)]
-pub struct Record<S> {
-    inner: S,
-    metrics: Arc<Metrics>,
-}
-
-impl<S, B, RB> Service<Request<B>> for Record<S>
-where
-    S: Service<Request<B>, Response = Response<RB>>,
-{
-    type Response = Response<RB>;
-    type Error = S::Error;
-    type Future = RecordFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        // Requests that did not come through the accept loop (tests) get their context here.
-        let ctx = match Ctx::of(&req) {
-            Some(ctx) => ctx.clone(),
-            None => {
-                let ctx = Ctx::new(None, None);
-                req.extensions_mut().insert(ctx.clone());
-                ctx
-            }
-        };
-        // The host is kept only for the access log, and only when that is on.
-        let host = if tracing::enabled!(target: "tokengate::access", tracing::Level::INFO) {
-            match req.uri().authority() {
-                Some(a) => Some(a.as_str().to_owned()),
-                None => req
-                    .headers()
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned),
-            }
-        } else {
-            None
-        };
-        RecordFuture {
-            method: req.method().clone(),
-            host,
-            inner: self.inner.call(req),
-            metrics: self.metrics.clone(),
-            ctx,
-            started: Instant::now(),
-        }
-    }
-}
-
-pin_project! {
-    /// The future of [`Record`].
-    pub struct RecordFuture<F> {
-        #[pin]
-        inner: F,
-        metrics: Arc<Metrics>,
-        ctx: Ctx,
-        started: Instant,
-        method: http::Method,
-        host: Option<String>,
-    }
-}
-
-impl<F, RB, E> Future for RecordFuture<F>
-where
-    F: Future<Output = Result<Response<RB>, E>>,
-{
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let result = ready!(this.inner.poll(cx));
-        if let Ok(response) = &result {
-            let latency = this.started.elapsed();
-            let route = this.ctx.route().map(|r| &r.route);
-            let route_name = route.map_or(NO_ROUTE, |r| r.name.as_ref());
-            let status = response.status().as_u16();
-            let labels = RequestLabels {
-                route: route
-                    .map_or_else(|| this.metrics.no_route.clone(), |r| Label(r.name.clone())),
-                status,
-            };
-            this.metrics.requests.get_or_create(&labels).inc();
-            this.metrics.request_duration.observe(latency.as_secs_f64());
-            // One line per request. `bytes` is the response's declared length (streamed bodies
-            // of unknown length log none); never a header value.
-            tracing::info!(
-                target: "tokengate::access",
-                method = %this.method,
-                route = route_name,
-                host = this.host.as_deref(),
-                status,
-                latency_ms = latency.as_secs_f64() * 1000.0,
-                retried = this.ctx.replayed(),
-                credential = route.map(|r| r.credential.name().as_ref()),
-                bytes = response
-                    .headers()
-                    .get(http::header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok()),
-            );
-        }
-        Poll::Ready(result)
     }
 }

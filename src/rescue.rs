@@ -46,7 +46,8 @@ impl<S: Clone> Clone for Rescue<S> {
 
 impl<S, B> Service<Request<B>> for Rescue<S>
 where
-    S: Service<Request<B>, Response = ProxyResponse, Error = ProxyError>,
+    S: Service<Request<B>, Response = ProxyResponse>,
+    S::Error: Into<ProxyError>,
 {
     type Response = ProxyResponse;
     type Error = Infallible;
@@ -55,7 +56,7 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         // Rescue never fails: an inner readiness error is answered as the next call's response.
         if let Err(error) = ready!(self.inner.poll_ready(cx)) {
-            self.not_ready = Some(error);
+            self.not_ready = Some(error.into());
         }
         Poll::Ready(Ok(()))
     }
@@ -81,9 +82,10 @@ pin_project! {
     }
 }
 
-impl<F> Future for ResponseFuture<F>
+impl<F, E> Future for ResponseFuture<F>
 where
-    F: Future<Output = Result<ProxyResponse, ProxyError>>,
+    F: Future<Output = Result<ProxyResponse, E>>,
+    E: Into<ProxyError>,
 {
     type Output = Result<ProxyResponse, Infallible>;
 
@@ -91,7 +93,7 @@ where
         let error = match self.project() {
             Proj::Inner { inner } => match ready!(inner.poll(cx)) {
                 Ok(response) => return Poll::Ready(Ok(response)),
-                Err(error) => error,
+                Err(error) => error.into(),
             },
             Proj::Failed { error } => match error.take() {
                 Some(error) => error,

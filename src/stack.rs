@@ -9,17 +9,15 @@ use hyper::body::Incoming;
 use tower::filter::FilterLayer;
 use tower::limit::ConcurrencyLimitLayer;
 use tower::load_shed::LoadShedLayer;
-use tower::util::MapErrLayer;
 use tower::{Service, ServiceBuilder};
-use tower_http::trace::TraceLayer;
 
 use crate::access::AccessCheck;
 use crate::auth::inject::InjectBearerLayer;
 use crate::body::{BodyError, BodyLimits, ReplayBodyLayer};
 use crate::config::Config;
-use crate::error::{BoxError, ProxyError};
 use crate::gateway::SharedLive;
-use crate::metrics::{Metrics, RecordLayer};
+use crate::metrics::Metrics;
+use crate::record::RecordLayer;
 use crate::rescue::RescueLayer;
 use crate::retry::RetryOn401Layer;
 use crate::route::RouteMatch;
@@ -43,16 +41,12 @@ pub fn proxy(
 + 'static {
     let server = &config.server;
     ServiceBuilder::new()
-        // A span per request (method, URI, status, latency) for everything below; no headers.
-        .layer(TraceLayer::new_for_http())
-        // Requests by route and status, and their duration, as the client saw them.
+        // A span per request for everything below (method, URI; no headers); then requests by
+        // route and status, their duration and the access log, as the client saw them.
         .layer(RecordLayer::new(metrics.clone()))
-        // The one place a ProxyError becomes its JSON response; nothing below writes errors.
+        // The one place a ProxyError becomes its JSON response (the tower layers' boxed errors
+        // included); nothing below writes errors.
         .layer(RescueLayer)
-        // Unbox the errors of the tower layers below (filters, load shedding) to ProxyError.
-        .layer(MapErrLayer::new(
-            ProxyError::from as fn(BoxError) -> ProxyError,
-        ))
         // Only allowed clients holding the shared key (if configured) get any further.
         .layer(FilterLayer::new(AccessCheck::new(live.clone())))
         // Shed load past max_concurrent_requests (503 overloaded) instead of queueing it.

@@ -1,0 +1,160 @@
+//! The observing middleware, outermost on the request path: a `request` span around everything
+//! below (method, URI, version; at debug level), then, once the response head is out, the
+//! request counted by route and status, its duration, and its access-log line. The matched
+//! route and whether the request was replayed come from the request's [`Ctx`].
+//!
+//! This is tower-http's `TraceLayer` and the metrics middleware in one: the two each wrapped
+//! the request and read the clock, and the trace layer also wrapped every response body
+//! (`docs/BENCHMARKS.md` has the cost).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Instant;
+
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
+use tracing::Span;
+
+use crate::ctx::Ctx;
+use crate::metrics::{Metrics, NO_ROUTE};
+
+/// Observes every request: span, metrics, access log. See the module docs.
+#[derive(Clone, Debug)]
+pub struct RecordLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl RecordLayer {
+    /// Records into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> Layer<S> for RecordLayer {
+    type Service = Record<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Record {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// See [`RecordLayer`].
+#[derive(Clone, Debug)]
+pub struct Record<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, B, RB> Service<Request<B>> for Record<S>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = RecordFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let started = Instant::now();
+        // Requests that did not come through the accept loop (tests) get their context here.
+        let ctx = match Ctx::of(&req) {
+            Some(ctx) => ctx.clone(),
+            None => {
+                let ctx = Ctx::new(None, None);
+                req.extensions_mut().insert(ctx.clone());
+                ctx
+            }
+        };
+        let span = tracing::debug_span!(
+            "request",
+            method = %req.method(),
+            uri = %req.uri(),
+            version = ?req.version(),
+        );
+        // The host is kept only for the access log, and only when that is on.
+        let host = if tracing::enabled!(target: "tokengate::access", tracing::Level::INFO) {
+            match req.uri().authority() {
+                Some(a) => Some(a.as_str().to_owned()),
+                None => req
+                    .headers()
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned),
+            }
+        } else {
+            None
+        };
+        let method = req.method().clone();
+        let inner = span.in_scope(|| self.inner.call(req));
+        RecordFuture {
+            inner,
+            span,
+            metrics: self.metrics.clone(),
+            ctx,
+            started,
+            method,
+            host,
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`Record`].
+    pub struct RecordFuture<F> {
+        #[pin]
+        inner: F,
+        span: Span,
+        metrics: Arc<Metrics>,
+        ctx: Ctx,
+        started: Instant,
+        method: http::Method,
+        host: Option<String>,
+    }
+}
+
+impl<F, RB, E> Future for RecordFuture<F>
+where
+    F: Future<Output = Result<Response<RB>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let _entered = this.span.enter();
+        let result = ready!(this.inner.poll(cx));
+        if let Ok(response) = &result {
+            let latency = this.started.elapsed();
+            let route = this.ctx.route().map(|r| &r.route);
+            let status = response.status().as_u16();
+            this.metrics
+                .request(route.map(|r| &r.name), status, latency);
+            // One line per request. `bytes` is the response's declared length (streamed bodies
+            // of unknown length log none); never a header value.
+            tracing::info!(
+                target: "tokengate::access",
+                method = %this.method,
+                route = route.map_or(NO_ROUTE, |r| r.name.as_ref()),
+                host = this.host.as_deref(),
+                status,
+                latency_ms = latency.as_secs_f64() * 1000.0,
+                retried = this.ctx.replayed(),
+                credential = route.map(|r| r.credential.name().as_ref()),
+                bytes = response
+                    .headers()
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok()),
+            );
+        }
+        Poll::Ready(result)
+    }
+}
