@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "target" / "compare"
-BIN = ROOT / "target" / "release" / "tokengate"
+BIN = Path(os.environ.get("TOKENGATE_BIN", ROOT / "target" / "release" / "tokengate"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 UPSTREAM, UPSTREAM_H2, NGINX, NGINX_H2, TOKENGATE, ADMIN, AUTH = (

@@ -11,6 +11,11 @@
 //! request has come for a whole [`HIBERNATE_AFTER`] tick (so a busy connection never pays for
 //! the teardown). Connections hyper would close, upgrade (CONNECT) or that the watch stopped
 //! following (HTTP/2, malformed framing) never qualify.
+//!
+//! The same tick enforces `header_read_timeout` for these connections (hyper's own arms and
+//! drops a timer for every request): a connection that has waited that long for a complete
+//! request head, with every earlier response finished, is closed, as hyper would close it.
+//! The tick makes it up to [`HIBERNATE_AFTER`] late.
 
 use std::future::poll_fn;
 use std::pin::Pin;
@@ -56,6 +61,14 @@ struct Idleness {
 }
 
 impl Idleness {
+    /// Whether the connection waits for a request head (perhaps partly read), with every
+    /// request hyper has `served` answered and sent.
+    fn awaiting_head(&self, served: u64) -> bool {
+        !self.write_pending.load(Ordering::Relaxed)
+            && self.heads.load(Ordering::Relaxed) == served
+            && self.finished.load(Ordering::Relaxed) == served
+    }
+
     /// Whether hyper holds nothing for this connection but its empty buffers, given the
     /// requests it has `served`.
     fn settled(&self, served: u64) -> bool {
@@ -125,15 +138,16 @@ impl<B: Body> Body for Counted<B> {
 enum Phase {
     /// hyper finished the connection (closed, upgraded or failed).
     Ended(hyper::Result<()>),
-    /// Idle and settled: take it apart.
-    Idle,
+    /// Idle and settled, waiting for a head since this instant (as of a tick): take it apart.
+    Idle(Instant),
 }
 
 /// How a listener serves plain-TCP HTTP/1 clients.
 pub struct Http1 {
-    /// hyper's HTTP/1 settings.
+    /// hyper's HTTP/1 settings (without a header read timeout: see the module docs).
     pub builder: http1::Builder,
-    /// How long a keep-alive connection may idle in all, hibernation included.
+    /// How long a connection may wait for a complete request head, idling between requests
+    /// (hibernation included) or sending one slowly.
     pub idle_timeout: Duration,
     /// Counts the connections hibernating now.
     pub hibernating: Gauge,
@@ -199,10 +213,14 @@ where
                 .builder
                 .serve_connection(TokioIo::new(io), service)
                 .with_upgrades();
-            let mut tick =
-                tokio::time::interval_at(Instant::now() + HIBERNATE_AFTER, HIBERNATE_AFTER);
+            let started = Instant::now();
+            let mut tick = tokio::time::interval_at(started + HIBERNATE_AFTER, HIBERNATE_AFTER);
             tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
             let mut seen = verdicts.served();
+            // Since when (as of a tick) the connection has waited for a head, and the responses
+            // finished then: a new one restarts the wait.
+            let mut awaiting = Some(started);
+            let mut finished = idle.finished.load(Ordering::Relaxed);
             let mut draining = false;
             let stopping = stop.wait_for(|stopped| *stopped);
             tokio::pin!(stopping);
@@ -214,19 +232,33 @@ where
                 if let Poll::Ready(ended) = Pin::new(&mut conn).poll(cx) {
                     return Poll::Ready(Phase::Ended(ended));
                 }
-                while !draining && tick.poll_tick(cx).is_ready() {
+                while !draining && let Poll::Ready(now) = tick.poll_tick(cx) {
                     let served = verdicts.served();
+                    let done = idle.finished.load(Ordering::Relaxed);
+                    awaiting = match awaiting {
+                        Some(since) if idle.awaiting_head(served) && done == finished => {
+                            Some(since)
+                        }
+                        _ if idle.awaiting_head(served) => Some(now),
+                        _ => None,
+                    };
+                    finished = done;
                     if served == seen && idle.settled(served) {
-                        return Poll::Ready(Phase::Idle);
+                        return Poll::Ready(Phase::Idle(awaiting.unwrap_or(now)));
                     }
                     seen = served;
+                    if awaiting.is_some_and(|since| now - since >= http.idle_timeout) {
+                        tracing::debug!("no request head within header_read_timeout; closing");
+                        return Poll::Ready(Phase::Ended(Ok(())));
+                    }
                 }
                 Poll::Pending
             })
             .await;
-            if let Phase::Ended(ended) = phase {
-                return ended.map(|()| None);
-            }
+            let since = match phase {
+                Phase::Ended(ended) => return ended.map(|()| None),
+                Phase::Idle(since) => since,
+            };
             let Some(http1::Parts {
                 io,
                 read_buf,
@@ -246,17 +278,18 @@ where
                 );
                 return Ok(None);
             }
-            Ok(Some((io.into_inner(), service)))
+            Ok(Some((io.into_inner(), service, since)))
         });
         let Some(parts) = active.await? else {
             return Ok(());
         };
-        (io, service) = parts;
+        let since;
+        (io, service, since) = parts;
         // Hibernating: no hyper state and no buffers until the client's next bytes.
         http.hibernating.inc();
         let woke = tokio::select! {
-            ready = tokio::time::timeout(
-                http.idle_timeout.saturating_sub(HIBERNATE_AFTER),
+            ready = tokio::time::timeout_at(
+                since + http.idle_timeout,
                 io.get_ref().readable(),
             ) => matches!(ready, Ok(Ok(()))),
             _ = stop.wait_for(|stopped| *stopped) => false,

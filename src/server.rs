@@ -152,12 +152,13 @@ pub struct Http {
 }
 
 /// The HTTP/1 settings, for hyper's builder and for hyper-util's view of one (the same methods,
-/// but no trait in common).
+/// but no trait in common). `header_read_timeout` is hyper's only for TLS clients; plain ones
+/// have it from [`hibernate`], which checks it on the tick it already keeps instead of arming
+/// a timer for every request.
 macro_rules! http1_settings {
-    ($builder:expr, $server:expr) => {
+    ($builder:expr) => {
         $builder
             .timer(TokioTimer::new())
-            .header_read_timeout($server.header_read_timeout)
             .max_buf_size(MAX_HEADER_BYTES)
             .max_headers(MAX_HEADERS)
             .keep_alive(true)
@@ -169,9 +170,9 @@ impl Http {
     /// hibernating connections.
     pub fn new(server: &ServerConfig, hibernating: Gauge) -> Self {
         let mut builder = http1::Builder::new();
-        http1_settings!(builder, server);
+        http1_settings!(builder);
         let mut auto = auto::Builder::new(TokioExecutor::new());
-        http1_settings!(auto.http1(), server);
+        http1_settings!(auto.http1()).header_read_timeout(server.header_read_timeout);
         http2_settings(&mut auto);
         Self {
             http1: Arc::new(hibernate::Http1 {
