@@ -424,7 +424,7 @@ def profile(procs, seconds):
     """tokengate under callgrind, collecting only during a warm, steady 1 KiB load: prints
     instructions per request and the top functions (inclusive)."""
     out = WORK / "callgrind.out"
-    tg = start_tokengate(("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"))
+    tg = start_tokengate(("valgrind", "--tool=callgrind", *os.environ.get("CG_EXTRA", "").split(), f"--callgrind-out-file={out}"))
     procs.append(tg)
     wrk(TOKENGATE, "1k", 5, [], 4)  # warm: token, pool, allocator
     sh("callgrind_control", "-z", str(tg.popen.pid))

@@ -15,6 +15,7 @@
 //! hyper refuses and closes on), it stops watching and hyper's own handling stands.
 //! It keeps no buffer unless a head arrives split across reads.
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
@@ -212,9 +213,10 @@ fn read_head(buf: &mut Vec<u8>, data: &[u8]) -> (usize, Option<Framing>) {
             return (blank, None);
         }
         // The usual case: the whole head in one read, parsed once, where it lies.
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        if let Ok(httparse::Status::Complete(end)) = req.parse(data) {
+        let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        if let Ok(httparse::Status::Complete(end)) = req.parse_with_uninit_headers(data, &mut headers)
+        {
             let framing = match end {
                 ..=MAX_HEADER_BYTES => framing_from(&req),
                 _ => Framing::TooLarge,
@@ -247,9 +249,12 @@ fn framing_of(head: &[u8]) -> Framing {
     if head.len() > MAX_HEADER_BYTES {
         return Framing::TooLarge;
     }
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    if !matches!(
+        req.parse_with_uninit_headers(head, &mut headers),
+        Ok(httparse::Status::Complete(_))
+    ) {
         return Framing::Stop;
     }
     framing_from(&req)

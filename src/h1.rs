@@ -300,7 +300,7 @@ fn parse_head(
                 headers.append(name, value);
             }
         }
-        if !connection.is_empty() {
+        if connection.iter().any(|v| names_headers(v.as_bytes())) {
             crate::hop::remove_named(&mut headers, &connection);
         }
         let has_te = chunked || other_coding;
@@ -364,6 +364,14 @@ fn last_coding_is_chunked(value: &[u8]) -> bool {
         .rsplit(|&b| b == b',')
         .next()
         .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+/// Whether a `Connection` value names a header, beyond the usual `keep-alive` and `close`.
+fn names_headers(value: &[u8]) -> bool {
+    value.split(|&b| b == b',').any(|t| {
+        let t = t.trim_ascii();
+        !t.is_empty() && !t.eq_ignore_ascii_case(b"keep-alive") && !t.eq_ignore_ascii_case(b"close")
+    })
 }
 
 fn has_token(value: &[u8], token: &[u8]) -> bool {
