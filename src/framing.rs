@@ -215,7 +215,8 @@ fn read_head(buf: &mut Vec<u8>, data: &[u8]) -> (usize, Option<Framing>) {
         // The usual case: the whole head in one read, parsed once, where it lies.
         let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut []);
-        if let Ok(httparse::Status::Complete(end)) = req.parse_with_uninit_headers(data, &mut headers)
+        if let Ok(httparse::Status::Complete(end)) =
+            req.parse_with_uninit_headers(data, &mut headers)
         {
             let framing = match end {
                 ..=MAX_HEADER_BYTES => framing_from(&req),

@@ -55,6 +55,9 @@ pub enum Error {
     Malformed(&'static str),
 }
 
+/// The most header names remembered per connection ([`Conn`]'s `names`).
+const MAX_REMEMBERED_NAMES: usize = 32;
+
 /// A connection to an upstream, with the bytes read from it and not yet used.
 #[derive(Debug)]
 pub struct Conn {
@@ -62,6 +65,10 @@ pub struct Conn {
     buf: BytesMut,
     /// The room to make before the next read.
     read_size: usize,
+    /// The header names of the last response, in order: an upstream sends much the same head
+    /// every time, so a name found in the same place again is taken from here (no parse, and
+    /// no allocation for a name that is not a standard one).
+    names: Vec<HeaderName>,
 }
 
 impl Conn {
@@ -71,6 +78,7 @@ impl Conn {
             io,
             buf: BytesMut::new(),
             read_size: READ_MIN,
+            names: Vec::new(),
         }
     }
 
@@ -200,7 +208,7 @@ pub async fn exchange(
     }
     let mut answered = false;
     loop {
-        match parse_head(&mut conn.buf, method) {
+        match parse_head(&mut conn.buf, &mut conn.names, method) {
             Ok(Some((parts, framing, keep_alive))) => {
                 return Ok((parts, Body::new(conn, framing, keep_alive, home)));
             }
@@ -233,6 +241,7 @@ enum Framing {
 /// `Connection` names are left out.
 fn parse_head(
     buf: &mut BytesMut,
+    remembered: &mut Vec<HeaderName>,
     method: &Method,
 ) -> Result<Option<(response::Parts, Framing, bool)>, Error> {
     loop {
@@ -268,9 +277,25 @@ fn parse_head(
         // Names now; values as offsets, to share the head's bytes once the parser lets go.
         let base = buf.as_ptr() as usize;
         let mut names = Vec::with_capacity(res.headers.len());
-        for h in res.headers.iter() {
-            let name = HeaderName::from_bytes(h.name.as_bytes())
-                .map_err(|_| Error::Malformed("header name"))?;
+        for (i, h) in res.headers.iter().enumerate() {
+            let name = match remembered.get(i) {
+                Some(known)
+                    if h.name
+                        .as_bytes()
+                        .eq_ignore_ascii_case(known.as_str().as_bytes()) =>
+                {
+                    known.clone()
+                }
+                _ => {
+                    let name = HeaderName::from_bytes(h.name.as_bytes())
+                        .map_err(|_| Error::Malformed("header name"))?;
+                    if i < MAX_REMEMBERED_NAMES {
+                        remembered.truncate(i);
+                        remembered.push(name.clone());
+                    }
+                    name
+                }
+            };
             let at = h.value.as_ptr() as usize - base;
             names.push((name, at..at + h.value.len()));
         }

@@ -426,6 +426,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn header_names_remembered_from_the_last_response_never_mislabel_a_value() {
+        let up = scripted(vec![
+            Answer::Send(b"HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Type: t1\r\nX-Long-Custom-Name: c1\r\ncontent-length: 0\r\n\r\n"),
+            Answer::Send(b"HTTP/1.1 200 OK\r\ncontent-type: t2\r\nx-a: 2\r\nX-LONG-CUSTOM-NAME: c2\r\ncontent-length: 0\r\n\r\n"),
+            Answer::Send(b"HTTP/1.1 200 OK\r\nContent-Type: t3\r\nX-A: 3\r\ncontent-length: 0\r\n\r\n"),
+            Answer::Send(b"HTTP/1.1 200 OK\r\nContent-Type: t4\r\nX-B: 4\r\nX-A: 4\r\ncontent-length: 0\r\n\r\n"),
+        ])
+        .await;
+        let pool = Pool::new(up.authority.clone(), Duration::from_secs(5));
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let sent = send(&pool, request(Method::GET, b""));
+            let (_, headers, _) = tokio::time::timeout(Duration::from_secs(10), sent)
+                .await
+                .expect("a response framed as its head says")
+                .unwrap();
+            let mut pairs: Vec<String> = headers
+                .iter()
+                .filter(|(n, _)| *n != "content-length")
+                .map(|(n, v)| format!("{n}={}", v.to_str().unwrap()))
+                .collect();
+            pairs.sort();
+            seen.push(pairs.join(" "));
+        }
+        assert_eq!(
+            up.accepted.load(Ordering::SeqCst),
+            1,
+            "one connection throughout"
+        );
+        assert_eq!(
+            seen,
+            [
+                "content-type=t1 x-a=1 x-long-custom-name=c1",
+                "content-type=t2 x-a=2 x-long-custom-name=c2",
+                "content-type=t3 x-a=3",
+                "content-type=t4 x-a=4 x-b=4",
+            ]
+        );
+    }
+
+    #[tokio::test]
     async fn malformed_responses_fail_and_their_connections_are_not_reused() {
         let bad: [&'static [u8]; 6] = [
             b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok",
