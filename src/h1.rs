@@ -72,14 +72,15 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// A fresh connection.
-    pub fn new(io: TcpStream) -> Self {
-        Self {
+    /// A fresh connection, boxed: it moves between its pool and the response bodies it feeds,
+    /// which stay small that way.
+    pub fn new(io: TcpStream) -> Box<Self> {
+        Box::new(Self {
             io,
             buf: BytesMut::new(),
             read_size: READ_MIN,
             names: Vec::new(),
-        }
+        })
     }
 
     /// Whether an idle connection can carry a request: the upstream has not closed it, and
@@ -125,7 +126,7 @@ impl Conn {
 /// Where a connection goes when its response has been read to the end.
 pub trait Home: Send + Sync {
     /// Takes back `conn`, fit for another request.
-    fn put(&self, conn: Conn);
+    fn put(&self, conn: Box<Conn>);
 }
 
 /// The request head in HTTP/1.1 wire form, origin-form target, with `Content-Length` for a
@@ -180,7 +181,7 @@ pub struct Failed {
 /// Sends `head` and `body` on `conn` and reads the response head. `method` decides whether
 /// the response has a body (`HEAD`'s never has).
 pub async fn exchange(
-    mut conn: Conn,
+    mut conn: Box<Conn>,
     head: &[u8],
     body: &[u8],
     method: &Method,
@@ -421,7 +422,7 @@ enum State {
 /// A response body read from the upstream connection as it is polled. Read to its end, it
 /// gives the connection back to its [`Home`]; dropped before, it closes it.
 pub struct Body {
-    conn: Option<Conn>,
+    conn: Option<Box<Conn>>,
     state: State,
     keep_alive: bool,
     home: Arc<dyn Home>,
@@ -436,7 +437,7 @@ impl std::fmt::Debug for Body {
 }
 
 impl Body {
-    fn new(conn: Conn, framing: Framing, keep_alive: bool, home: Arc<dyn Home>) -> Self {
+    fn new(conn: Box<Conn>, framing: Framing, keep_alive: bool, home: Arc<dyn Home>) -> Self {
         let state = match framing {
             Framing::Empty => State::Length(0),
             Framing::Length(n) => State::Length(n),

@@ -57,7 +57,7 @@ pub enum PoolError {
 }
 
 struct Idle {
-    conn: Conn,
+    conn: Box<Conn>,
     since: Instant,
 }
 
@@ -110,7 +110,8 @@ impl Pool {
         loop {
             let (conn, reused) = match self.checkout(fresh) {
                 Some(conn) => (conn, true),
-                None => (self.connect().await?, false),
+                // Boxed: the rare connect keeps its room out of every request's future.
+                None => (Box::pin(self.connect()).await?, false),
             };
             let home = self.clone() as Arc<dyn h1::Home>;
             match h1::exchange(conn, &head, body, &parts.method, home).await {
@@ -140,7 +141,7 @@ impl Pool {
     }
 
     /// The most recently used idle connection that can carry a request (none if `fresh`).
-    fn checkout(&self, fresh: bool) -> Option<Conn> {
+    fn checkout(&self, fresh: bool) -> Option<Box<Conn>> {
         if fresh {
             return None;
         }
@@ -153,7 +154,7 @@ impl Pool {
         None
     }
 
-    async fn connect(&self) -> Result<Conn, PoolError> {
+    async fn connect(&self) -> Result<Box<Conn>, PoolError> {
         let host = self.authority.host();
         let host = host.trim_start_matches('[').trim_end_matches(']'); // an IPv6 literal
         let target = (host, self.authority.port_u16().unwrap_or(80));
@@ -170,7 +171,7 @@ impl Pool {
 }
 
 impl h1::Home for Pool {
-    fn put(&self, conn: Conn) {
+    fn put(&self, conn: Box<Conn>) {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         if idle

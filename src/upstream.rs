@@ -129,51 +129,62 @@ impl Service<Request<ProxyBody>> for Upstream {
             body_idle,
         } = *self;
         Box::pin(async move {
-            // The request answered 401 goes back to the retry layer, if its body is whole.
-            let mut again = None;
-            let sent = async {
-                match client {
-                    // tokengate's client has left hop-by-hop headers out already.
-                    UpstreamClient::Plain(pool) => match req.into_parts() {
-                        (parts, ProxyBody::Full(body)) => {
-                            let sent = pool.send(&parts, body.as_deref().unwrap_or_default());
-                            let response = sent.await;
-                            again = Some(Request::from_parts(parts, ProxyBody::Full(body)));
-                            response
-                        }
-                        (parts, streaming) => {
-                            let req = Request::from_parts(parts, streaming);
-                            pool.send_streaming(req).await
-                        }
-                    }
-                    .map_err(|e| pool_error(e, connect_timeout)),
-                    UpstreamClient::Tls(client) => {
-                        again = whole_copy(&req);
-                        client
-                            .request(req)
+            let timed_out = |_| ProxyError::UpstreamTimeout(timeout);
+            let response = match client {
+                // tokengate's own client leaves the request with us and hop-by-hop headers out.
+                UpstreamClient::Plain(pool) => match req.into_parts() {
+                    (parts, ProxyBody::Full(body)) => {
+                        let sent = pool.send(&parts, body.as_deref().unwrap_or_default());
+                        let response = tokio::time::timeout(timeout, sent)
                             .await
-                            .map(|response| response.map(PeerBody::Hyper))
-                            .map_err(|e| client_error(e, connect_timeout))
+                            .map_err(timed_out)?
+                            .map_err(|e| pool_error(e, connect_timeout))?;
+                        if response.status() == StatusCode::UNAUTHORIZED {
+                            keep_for_replay(Request::from_parts(parts, ProxyBody::Full(body)));
+                        }
+                        response
                     }
+                    (parts, streaming) => {
+                        let sent = pool.send_streaming(Request::from_parts(parts, streaming));
+                        let response = tokio::time::timeout(timeout, sent)
+                            .await
+                            .map_err(timed_out)?
+                            .map_err(|e| pool_error(e, connect_timeout))?;
+                        strip_hops(response)
+                    }
+                },
+                UpstreamClient::Tls(client) => {
+                    let again = whole_copy(&req);
+                    let response = tokio::time::timeout(timeout, client.request(req))
+                        .await
+                        .map_err(timed_out)?
+                        .map_err(|e| client_error(e, connect_timeout))?;
+                    if response.status() == StatusCode::UNAUTHORIZED
+                        && let Some(again) = again
+                    {
+                        keep_for_replay(again);
+                    }
+                    strip_hops(response.map(PeerBody::Hyper))
                 }
             };
-            let response = tokio::time::timeout(timeout, sent)
-                .await
-                .map_err(|_| ProxyError::UpstreamTimeout(timeout))??;
-            if response.status() == StatusCode::UNAUTHORIZED
-                && let Some(again) = again
-                && let Some(ctx) = Ctx::of(&again).cloned()
-            {
-                ctx.keep_unanswered(again);
-            }
-            let (mut parts, body) = response.into_parts();
-            if matches!(body, PeerBody::Hyper(_)) {
-                crate::hop::strip(&mut parts.headers);
-            }
+            let (parts, body) = response.into_parts();
             let body = Guarded::new(body, Side::Upstream, u64::MAX, body_idle);
             Ok(ProxyResponse::from_parts(parts, ProxyBody::Streaming(body)))
         })
     }
+}
+
+/// Leaves `req`, answered 401, in its context for the retry layer.
+fn keep_for_replay(req: Request<ProxyBody>) {
+    if let Some(ctx) = Ctx::of(&req).cloned() {
+        ctx.keep_unanswered(req);
+    }
+}
+
+/// Removes hop-by-hop headers from a response that came through hyper's client.
+fn strip_hops<B>(mut response: http::Response<B>) -> http::Response<B> {
+    crate::hop::strip(response.headers_mut());
+    response
 }
 
 /// A copy of `req` for a replay, if its body is held whole (hyper's client consumes the

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# A profile-guided build of tokengate: an instrumented binary serves the soak's mixed load
+# (examples/soak.rs: GETs, buffered POSTs, downloads, chunked uploads, token revocations) against
+# the sandbox for SECONDS (default 40), and the release build is redone with that profile.
+# Output: target/pgo/release/tokengate (the plain target/release build is left alone).
+# Needs the llvm-tools rustup component, which it installs. See docs/BENCHMARKS.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds="${1:-40}"
+rustup component add llvm-tools >/dev/null
+profdata="$(find "$(rustc --print sysroot)" -name llvm-profdata -type f | head -1)"
+data="$PWD/target/pgo-data"
+rm -rf "$data"
+
+cargo build --release --example soak
+RUSTFLAGS="-Cprofile-generate=$data" cargo build --release --bin tokengate --target-dir target/pgo-gen
+SOAK_REVOKE_EVERY=10 SOAK_OUTAGE_AT=$((seconds + 60)) TOKENGATE_BIN=target/pgo-gen/release/tokengate \
+  target/release/examples/soak "$seconds" >/dev/null
+"$profdata" merge -o "$data/merged.profdata" "$data"
+RUSTFLAGS="-Cprofile-use=$data/merged.profdata" cargo build --release --bin tokengate --target-dir target/pgo
+echo "target/pgo/release/tokengate"
