@@ -32,6 +32,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 UPSTREAM, UPSTREAM_H2, NGINX, NGINX_H2, TOKENGATE, ADMIN, AUTH = (
     18081, 18085, 18082, 18084, 18083, 18093, 18090)
+ALSO_PORTS = [(18086, 18094), (18087, 18095)]  # (proxy, admin) of --also builds
 AGENT, SECRET = "benchAgent01", "bench-secret-4f9Kq2"
 JWT_KEY = "11" * 32
 SIZES = {"0b": 0, "1k": 1024, "16k": 16 * 1024, "1m": 1024 * 1024}
@@ -158,14 +159,14 @@ def start_nginx_proxy(token):
     return Proc("nginx", pinned(1, "nginx", "-c", str(conf)), measured_child=True)
 
 
-def start_tokengate(wrapper=(), binary=BIN, extra_env=None):
-    conf = WORK / "proxy.toml"
+def start_tokengate(wrapper=(), binary=BIN, extra_env=None, name="tokengate", port=TOKENGATE, admin=ADMIN):
+    conf = WORK / ("proxy.toml" if name == "tokengate" else f"{name}.toml")
     conf.write_text(f"""
 [server]
-listen = "127.0.0.1:{TOKENGATE}"
+listen = "127.0.0.1:{port}"
 max_connections = 20000
 [admin]
-listen = "127.0.0.1:{ADMIN}"
+listen = "127.0.0.1:{admin}"
 [credentials.bench]
 auth_url = "http://127.0.0.1:{AUTH}/v2/auth"
 agent_id = "{AGENT}"
@@ -175,8 +176,8 @@ upstream = "http://127.0.0.1:{UPSTREAM}"
 credential = "bench"
 """)
     env = {"BENCH_SECRET": SECRET, "RUST_LOG": "warn", **(extra_env or {})}  # no access log, as nginx's
-    p = Proc("tokengate", pinned(1, *wrapper, str(binary), "run", "--config", str(conf)), env=env)
-    wait_port(TOKENGATE, timeout=120)
+    p = Proc(name, pinned(1, *wrapper, str(binary), "run", "--config", str(conf)), env=env)
+    wait_port(port, timeout=120)
     return p
 
 
@@ -288,8 +289,9 @@ def spread(xs):
 
 def chart(results, path):
     """A two-panel SVG bar chart: saturation requests/s, and added p99 at the fixed rate."""
-    names = ["direct", "tokengate", "nginx"]
-    colors = {"direct": "#999999", "tokengate": "#2f7ed8", "nginx": "#4caf50"}
+    names = list(results["rps"])
+    palette = ["#999999", "#2f7ed8", "#4caf50", "#8ab6e8", "#c0c0c0"]
+    colors = dict(zip(names, palette))
     panels = [("Saturation, requests/s (1 KiB)", {n: results["rps"][n] for n in names}),
               ("p99 latency at 50% of nginx's saturation, µs", {n: results["p99"][n] for n in names})]
     w, h, pad = 360, 260, 40
@@ -312,12 +314,15 @@ def chart(results, path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=10, help="length of each measurement")
     ap.add_argument("--idle", type=int, default=10_000, help="idle keep-alive connections")
     ap.add_argument("--cold", type=int, default=1_000, help="concurrent cold requests")
     ap.add_argument("--profile", action="store_true",
                     help="instead: count tokengate's instructions per request under callgrind")
+    ap.add_argument("--also", action="append", default=[], metavar="LABEL=PATH",
+                    help="another tokengate build (e.g. the release build without PGO) measured beside "
+                         "the first in the 1 KiB rounds")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL[,bin=PATH][,ENV=VALUE...]",
                     help="instead: alternate tokengate variants (2 or more) for --rounds rounds and "
                          "report each one's saturation req/s and CPU µs per request (1 KiB)")
@@ -358,6 +363,14 @@ def main():
         targets = {"direct": (UPSTREAM, UPSTREAM_H2, None, bearer),
                    "tokengate": (TOKENGATE, TOKENGATE, tg, []),
                    "nginx": (NGINX, NGINX_H2, ng, [])}
+        main_targets = list(targets)
+        for i, spec in enumerate(args.also):  # more tokengate builds, for the 1 KiB rounds only
+            label, path = spec.split("=", 1)
+            port, admin = ALSO_PORTS[i]
+            proc = start_tokengate(binary=Path(path), name=f"also{i}", port=port, admin=admin)
+            procs.append(proc)
+            targets[label] = (port, port, proc, [])
+        proxies = [name for name in targets if name != "direct"]
 
         def sat(name, path, seconds, connections=CONNECTIONS):
             port, _, proc, headers = targets[name]
@@ -385,30 +398,42 @@ def main():
             rounds.append(row)
             print(f"round {r + 1}: {json.dumps(row)}", flush=True)
 
-        res = {"rps": {}, "cpu_us": {}, "p50": {}, "p99": {}, "p99.9": {}, "added": {}, "spread": {}}
+        res = {"rps": {}, "cpu_us": {}, "p50": {}, "p99": {}, "p99.9": {}, "added": {}, "spread": {},
+               "ratios": {}}
         for name in targets:
             res["rps"][name] = med([x["rps"][name] for x in rounds])
             res["spread"][f"rps_{name}"] = spread([x["rps"][name] for x in rounds])
             for p in ("p50", "p99", "p99.9"):
                 res[p][name] = med([x["lat"][name][p] for x in rounds])
-        for name in ("tokengate", "nginx"):
+        for name in proxies:
             res["cpu_us"][name] = med([x["cpu_us"][name] for x in rounds])
             res["spread"][f"cpu_{name}"] = spread([x["cpu_us"][name] for x in rounds])
             added = {p: [x["lat"][name][p] - x["lat"]["direct"][p] for x in rounds]
                      for p in ("p50", "p99", "p99.9")}
             res["added"][name] = {p: med(v) for p, v in added.items()}
             res["spread"][f"added_p99_{name}"] = spread(added["p99"])
+        # Within-round ratios against nginx: both sides of each ratio saw the same minute.
+        for name in proxies:
+            if name == "nginx":
+                continue
+            res["ratios"][name] = {
+                "cpu": [x["cpu_us"][name] / x["cpu_us"]["nginx"] for x in rounds],
+                "rps": [x["rps"][name] / x["rps"]["nginx"] for x in rounds],
+                "added_p99": [(x["lat"][name]["p99"] - x["lat"]["direct"]["p99"]) -
+                              (x["lat"]["nginx"]["p99"] - x["lat"]["direct"]["p99"]) for x in rounds],
+            }
 
         # One run each of the other cases: saturation and CPU per request.
         cases = {}
         for case, path, conns in (("0 B", "0b", CONNECTIONS), ("16 KiB", "16k", CONNECTIONS),
                                   ("1 MiB streamed", "1m", 8)):
-            cases[case] = {name: sat(name, path, args.seconds, conns) for name in targets}
+            cases[case] = {name: sat(name, path, args.seconds, conns) for name in main_targets}
             print(f"{case}: {cases[case]}", flush=True)
-        cases["1 KiB, HTTP/2 clients (h2load)"] = {name: h2(name) for name in targets}
+        cases["1 KiB, HTTP/2 clients (h2load)"] = {name: h2(name) for name in main_targets}
 
         res["rss_mb"] = {name: proc.rss_mb() for name, (_, _, proc, _) in targets.items() if proc}
-        idle = {name: idle_rss(proc, port, args.idle) for name, (port, _, proc, _) in targets.items() if proc}
+        idle = {name: idle_rss(targets[name][2], targets[name][0], args.idle)
+                for name in main_targets if targets[name][2]}
         nginx_version = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
         results = {"rounds": rounds, "summary": res, "cases": cases, "idle_rss_mb": idle, "cold": cold,
                    "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release, "nginx": nginx_version}}
@@ -481,20 +506,28 @@ def variants(procs, specs, rounds, seconds):
 
 def report(results):
     res = results["summary"]
+    proxies = [n for n in res["cpu_us"] if n != "nginx"]
+    rate = med([x["rate"] for x in results["rounds"]])
     print("\n## 1 KiB, HTTP/1.1 keep-alive (medians of the rounds)\n")
-    print("| | direct | tokengate | nginx | tokengate / nginx |")
-    print("|---|---|---|---|---|")
-    print(f"| saturation req/s | {res['rps']['direct']:,.0f} | {res['rps']['tokengate']:,.0f} | "
-          f"{res['rps']['nginx']:,.0f} | {res['rps']['tokengate'] / res['rps']['nginx']:.2f} |")
-    print(f"| proxy CPU µs/request | | {res['cpu_us']['tokengate']:.1f} | {res['cpu_us']['nginx']:.1f} | "
-          f"{res['cpu_us']['tokengate'] / res['cpu_us']['nginx']:.2f} |")
+    print("| | direct | " + " | ".join(proxies) + " | nginx |")
+    print("|---|---|" + "---|" * len(proxies) + "---|")
+    print(f"| saturation req/s | {res['rps']['direct']:,.0f} | " +
+          " | ".join(f"{res['rps'][n]:,.0f}" for n in proxies) + f" | {res['rps']['nginx']:,.0f} |")
+    print("| proxy CPU µs/request | | " + " | ".join(f"{res['cpu_us'][n]:.1f}" for n in proxies) +
+          f" | {res['cpu_us']['nginx']:.1f} |")
     for p in ("p50", "p99", "p99.9"):
-        t, n = res["added"]["tokengate"][p], res["added"]["nginx"][p]
-        print(f"| added {p} µs (at {results['rounds'][0]['rate']:,.0f} req/s) | ({res[p]['direct']:,.0f} total) | "
-              f"{t:,.0f} | {n:,.0f} | {t / n if n else float('nan'):.2f} |")
-    print(f"| RSS MB after the runs | | {res['rss_mb']['tokengate']:.1f} | {res['rss_mb']['nginx']:.1f} | |")
+        print(f"| added {p} µs (at {rate:,.0f} req/s) | ({res[p]['direct']:,.0f} total) | " +
+              " | ".join(f"{res['added'][n][p]:,.0f}" for n in proxies) + f" | {res['added']['nginx'][p]:,.0f} |")
+    print("| RSS MB after the runs | | " + " | ".join(f"{res['rss_mb'][n]:.1f}" for n in proxies) +
+          f" | {res['rss_mb']['nginx']:.1f} |")
     print("\nspread (max-min)/median over the rounds: " +
           ", ".join(f"{k} {v:.1%}" for k, v in res["spread"].items()))
+    print("\nWithin-round ratios against nginx (each round's pair saw the same minute):\n")
+    for name, r in res["ratios"].items():
+        print(f"- {name}: CPU {', '.join(f'{x:.2f}' for x in r['cpu'])} (median {med(r['cpu']):.2f}); "
+              f"req/s {', '.join(f'{x:.2f}' for x in r['rps'])} (median {med(r['rps']):.2f}); "
+              f"added p99 minus nginx's, µs: {', '.join(f'{x:,.0f}' for x in r['added_p99'])} "
+              f"(median {med(r['added_p99']):,.0f})")
     print("\n## Other cases (one run each): saturation req/s, proxy CPU µs/request\n")
     print("| case | direct | tokengate | nginx | req/s ratio | CPU ratio |")
     print("|---|---|---|---|---|---|")
@@ -505,6 +538,24 @@ def report(results):
     for name, (before, after) in results["idle_rss_mb"].items():
         print(f"- {name}: {before:.1f} -> {after:.1f} (+{after - before:.1f} MB)")
     print(f"\n## Cold burst\n\n{results['cold']}")
+
+    t = res["ratios"]["tokengate"]
+    idle_before, idle_after = results["idle_rss_mb"]["tokengate"]
+    cold = results["cold"]
+    checks = [
+        ("CPU per request <= 1.0x nginx (median of within-round ratios)", f"{med(t['cpu']):.2f}x",
+         med(t["cpu"]) <= 1.0),
+        ("saturation req/s >= 1.0x nginx", f"{med(t['rps']):.2f}x", med(t["rps"]) >= 1.0),
+        ("added p99 <= nginx's (median of within-round differences)", f"{med(t['added_p99']):+,.0f} µs",
+         med(t["added_p99"]) <= 0),
+        ("RSS growth with idle keep-alive connections <= 100 MB", f"+{idle_after - idle_before:.1f} MB",
+         idle_after - idle_before <= 100),
+        ("exactly 1 exchange for the cold burst", f"{cold['exchanges']:.0f} ({cold['ok']}/{cold['requests']} ok)",
+         cold["exchanges"] == 1 and cold["ok"] == cold["requests"]),
+    ]
+    print("\n## Targets\n")
+    for what, value, ok in checks:
+        print(f"- {'met   ' if ok else 'MISSED'} {what}: {value}")
 
 
 if __name__ == "__main__":

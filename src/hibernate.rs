@@ -24,13 +24,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::adapter::Hyper;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
 use pin_project_lite::pin_project;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpStream;
@@ -175,11 +175,10 @@ impl Http1 {
     {
         let idle = Arc::new(Idleness::default());
         let counting = idle.clone();
-        let service =
-            TowerToHyperService::new(service.map_response(move |response: Response<B>| {
-                let idle = counting.clone();
-                response.map(|body| Counted { body, idle })
-            }));
+        let service = Hyper(service.map_response(move |response: Response<B>| {
+            let idle = counting.clone();
+            response.map(|body| Counted { body, idle })
+        }));
         let tracker = Tracker {
             watch: Watch::new(verdicts.clone()),
             idle: idle.clone(),

@@ -9,7 +9,7 @@
 //! - [`config`]: `proxy.toml`, its defaults and validation.
 //! - [`gateway`]: the [`Gateway`]: what a config builds, as one snapshot that reloads swap.
 //! - [`server`]: listeners, the accept loop, graceful shutdown; [`hibernate`]: idle HTTP/1
-//!   keep-alive connections give their buffers back.
+//!   keep-alive connections give their buffers back; [`adapter`]: the stack served to hyper.
 //! - [`stack`]: the request path, assembled in one place. Its layers, outside-in:
 //!   [`record`] (span, metrics, access log), [`rescue`] (errors → JSON), [`access`] (allowed
 //!   clients, shared key; a tower filter),
@@ -32,6 +32,7 @@
 //! - [`sandbox`]: a real auth server and upstream for the demo and the tests; [`demo`].
 
 pub mod access;
+pub mod adapter;
 pub mod admin;
 pub mod auth;
 pub mod body;

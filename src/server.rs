@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::adapter::Hyper;
 use futures_util::FutureExt;
 use http::{Request, Response};
 use http_body::Body;
@@ -13,7 +14,6 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -280,7 +280,7 @@ pub async fn serve<S, B>(
                         tokio::spawn(served(peer, permit, serving));
                     }
                     Some(false) => {
-                        let service = TowerToHyperService::new(service);
+                        let service = Hyper(service);
                         let serving = serve_one(&http.auto, io(stream, verdicts), service, stop);
                         served(peer, permit, Box::pin(serving)).await;
                     }
@@ -290,7 +290,7 @@ pub async fn serve<S, B>(
                     let handshake = tls.acceptor.accept(stream);
                     match tokio::time::timeout(tls.handshake_timeout, Box::pin(handshake)).await {
                         Ok(Ok(stream)) => {
-                            let service = TowerToHyperService::new(service);
+                            let service = Hyper(service);
                             let serving =
                                 serve_one(&http.auto, io(stream, verdicts), service, stop);
                             served(peer, permit, Box::pin(serving)).await;
