@@ -236,7 +236,17 @@ credential = "partner"
     // after it, so both baselines are reported.
     let rss_warm = rss.get(&WARMUP.as_secs()).copied().unwrap_or(rss_start);
     let rss_max = rss.values().copied().max().unwrap_or(rss_end);
-    let _ = child.kill().await;
+    // SIGTERM, as an operator stops it: the proxy drains and exits (and a profiling build
+    // writes its profile, which scripts/pgo-build.sh relies on); killed if it does not.
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    if tokio::time::timeout(Duration::from_secs(40), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
 
     let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let report = serde_json::json!({

@@ -12,10 +12,11 @@ profdata="$(find "$(rustc --print sysroot)" -name llvm-profdata -type f | head -
 data="$PWD/target/pgo-data"
 rm -rf "$data"
 
-cargo build --release --example soak
+cargo build --example soak  # the load generator; debug is fast enough for its paced load
 RUSTFLAGS="-Cprofile-generate=$data" cargo build --release --bin tokengate --target-dir target/pgo-gen
+rm -rf "$data" # build scripts ran instrumented too; only the proxy's own run counts
 SOAK_REVOKE_EVERY=10 SOAK_OUTAGE_AT=$((seconds + 60)) TOKENGATE_BIN=target/pgo-gen/release/tokengate \
-  target/release/examples/soak "$seconds" >/dev/null
+  target/debug/examples/soak "$seconds" >/dev/null
 "$profdata" merge -o "$data/merged.profdata" "$data"
 RUSTFLAGS="-Cprofile-use=$data/merged.profdata" cargo build --release --bin tokengate --target-dir target/pgo
 echo "target/pgo/release/tokengate"

@@ -37,9 +37,9 @@ pub const MAX_RESPONSE_HEAD: usize = MAX_HEADER_BYTES;
 /// The most response headers read (as for requests).
 pub const MAX_RESPONSE_HEADERS: usize = MAX_HEADERS;
 /// The room made in a connection's buffer before its first read.
-const READ_MIN: usize = 8 * 1024;
+pub const READ_MIN: usize = 8 * 1024;
 /// The most room made for one read: reads that fill the buffer double it up to this.
-const READ_MAX: usize = 64 * 1024;
+pub const READ_MAX: usize = 64 * 1024;
 
 /// Why an exchange with the upstream failed.
 #[derive(Debug, thiserror::Error)]
