@@ -142,7 +142,7 @@ def start_upstream():
     return Proc("upstream", pinned(0, "nginx", "-c", str(conf)), measured_child=True)
 
 
-def start_nginx_proxy(token):
+def start_nginx_proxy(token, wrapper=(), master=True):
     conf = nginx_conf("nginx", f"""
     upstream up {{ server 127.0.0.1:{UPSTREAM}; keepalive 256; keepalive_requests 10000000; }}
     server {{
@@ -156,7 +156,9 @@ def start_nginx_proxy(token):
             proxy_buffering off;
         }}
     }}""")
-    return Proc("nginx", pinned(1, "nginx", "-c", str(conf)), measured_child=True)
+    if not master:  # one process, so that a wrapper (valgrind) sees the worker itself
+        conf.write_text(conf.read_text().replace("master_process on;", "master_process off;"))
+    return Proc("nginx", pinned(1, *wrapper, "nginx", "-c", str(conf)), measured_child=master)
 
 
 def start_tokengate(wrapper=(), binary=BIN, extra_env=None, name="tokengate", port=TOKENGATE, admin=ADMIN):
@@ -446,22 +448,54 @@ def main():
 
 
 def profile(procs, seconds):
-    """tokengate under callgrind, collecting only during a warm, steady 1 KiB load: prints
-    instructions per request and the top functions (inclusive)."""
-    out = WORK / "callgrind.out"
-    tg = start_tokengate(("valgrind", "--tool=callgrind", *os.environ.get("CG_EXTRA", "").split(), f"--callgrind-out-file={out}"))
-    procs.append(tg)
-    wrk(TOKENGATE, "1k", 5, [], 4)  # warm: token, pool, allocator
-    sh("callgrind_control", "-z", str(tg.popen.pid))
-    n, _ = wrk(TOKENGATE, "1k", seconds, [], 4)
-    sh("callgrind_control", "-d", str(tg.popen.pid))
-    tg.stop()
-    procs.remove(tg)
-    dumps = sorted(WORK.glob("callgrind.out.*"), key=lambda p: p.stat().st_mtime)
-    annotated = sh("callgrind_annotate", "--inclusive=yes", str(dumps[-1]))
-    total = int(re.search(r"([\d,]+)\s+\(100\.0%\)\s+PROGRAM TOTALS", annotated).group(1).replace(",", ""))
-    print(f"{n} requests, {total / n:,.0f} instructions per request\n")
-    print("\n".join(annotated.splitlines()[:60]))
+    """tokengate, then nginx (one process, master_process off), under callgrind, collecting only
+    during a warm, steady 1 KiB load: prints instructions per request for each and the top
+    functions (inclusive). CG_EXTRA="--cache-sim=yes --branch-sim=yes" adds cache misses and
+    a rough cycle estimate."""
+    token = bench_token()
+    for name in ("tokengate", "nginx"):
+        out = WORK / f"callgrind-{name}.out"
+        wrapper = ("valgrind", "--tool=callgrind", *os.environ.get("CG_EXTRA", "").split(),
+                   f"--callgrind-out-file={out}")
+        if name == "tokengate":
+            proc, port = start_tokengate(wrapper), TOKENGATE
+        else:
+            proc, port = start_nginx_proxy(token, wrapper, master=False), NGINX
+            wait_port(port, timeout=120)
+        procs.append(proc)
+        wrk(port, "1k", 5, [], 4)  # warm: token, pool, allocator
+        sh("callgrind_control", "-z", str(proc.popen.pid))
+        n, _ = wrk(port, "1k", seconds, [], 4)
+        sh("callgrind_control", "-d", str(proc.popen.pid))
+        proc.stop()
+        procs.remove(proc)
+        dumps = sorted(WORK.glob(f"callgrind-{name}.out.*"), key=lambda p: p.stat().st_mtime)
+        annotated = sh("callgrind_annotate", "--inclusive=yes", str(dumps[-1]))
+        totals = next(line for line in annotated.splitlines() if line.endswith("PROGRAM TOTALS"))
+        events = dict(zip(re.search(r"^Events shown:\s+(.*)$", annotated, re.M).group(1).split(),
+                          (int(x.replace(",", "").replace(".", "0"))
+                           for x in re.sub(r"\(\s*[\d.]+%\)", "", totals).split()[:-2])))
+        print(f"## {name}\n\n{n} requests, {events['Ir'] / n:,.0f} instructions per request")
+        if "I1mr" in events:
+            cycles = (events["Ir"] + 10 * (events["I1mr"] + events["D1mr"] + events["D1mw"])
+                      + 100 * (events["ILmr"] + events["DLmr"] + events["DLmw"])
+                      + 15 * (events.get("Bcm", 0) + events.get("Bim", 0)))
+            print(f"L1 instruction misses {events['I1mr'] / n:,.0f}, data misses "
+                  f"{(events['D1mr'] + events['D1mw']) / n:,.0f}, mispredicted branches "
+                  f"{(events.get('Bcm', 0) + events.get('Bim', 0)) / n:,.0f} per request; estimated cycles "
+                  f"(Ir + 10 L1 misses + 100 LL misses + 15 mispredicts) {cycles / n:,.0f}")
+        print()
+        print("\n".join(annotated.splitlines()[:60]) + "\n", flush=True)
+
+
+def bench_token():
+    """A token from the sandbox auth server, for nginx's fixed header (tokengate fetches it)."""
+    tg = start_tokengate()
+    try:
+        return re.search(r"token\s+(\S+)", sh(str(BIN), "token", "--config", str(WORK / "proxy.toml"), "bench",
+                                              "--show", env={**os.environ, "BENCH_SECRET": SECRET})).group(1)
+    finally:
+        tg.stop()
 
 
 def variants(procs, specs, rounds, seconds):
@@ -472,12 +506,7 @@ def variants(procs, specs, rounds, seconds):
         label, *settings = spec.split(",")
         kv = dict(s.split("=", 1) for s in settings)
         parsed.append((label, Path(kv.pop("bin", BIN)), kv))
-    token = None
-    if any(label == "nginx" for label, _, _ in parsed):
-        tg = start_tokengate()
-        token = re.search(r"token\s+(\S+)", sh(str(BIN), "token", "--config", str(WORK / "proxy.toml"),
-                                               "bench", "--show", env={**os.environ, "BENCH_SECRET": SECRET})).group(1)
-        tg.stop()
+    token = bench_token() if any(label == "nginx" for label, _, _ in parsed) else None
     seen = {label: {"rps": [], "cpu_us": [], "user_us": []} for label, _, _ in parsed}
     for r in range(rounds):
         for label, binary, env in parsed:
