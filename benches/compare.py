@@ -5,8 +5,9 @@ The job on both sides: accept HTTP/1.1 keep-alive, add `Authorization: Bearer ..
 a pooled keep-alive connection to the same nginx upstream, which answers only requests carrying a
 Bearer token. Each proxy runs on CPU 1; the load generators and the upstream share CPU 0.
 
-Rounds alternate direct / tokengate / nginx so that drift on this shared machine hits all three
-alike; medians of the rounds are reported, with the spread (max-min over median). Results go to
+Rounds alternate direct / tokengate / nginx (forward, then backward) so that drift on this shared
+machine hits all three alike; medians of the rounds are reported, with the spread (max-min over
+median) and each round's own ratios. Results go to
 target/compare/results.json and a chart to docs/bench-chart.svg; the Markdown tables are printed.
 """
 
@@ -316,8 +317,9 @@ def chart(results, path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--seconds", type=int, default=10, help="length of each measurement")
+    ap.add_argument("--rounds", type=int, default=8,
+                    help="alternating 1 KiB rounds (more, shorter rounds ride out this machine's noise)")
+    ap.add_argument("--seconds", type=int, default=6, help="length of each measurement")
     ap.add_argument("--idle", type=int, default=10_000, help="idle keep-alive connections")
     ap.add_argument("--cold", type=int, default=1_000, help="concurrent cold requests")
     ap.add_argument("--profile", action="store_true",
@@ -391,11 +393,13 @@ def main():
 
         rounds = []
         for r in range(args.rounds):
+            # Forward in even rounds, backward in odd ones: a drift within a round favours no one.
+            order = list(targets) if r % 2 == 0 else list(reversed(targets))
             row = {"rps": {}, "cpu_us": {}, "lat": {}}
-            for name in targets:
+            for name in order:
                 row["rps"][name], row["cpu_us"][name] = sat(name, "1k", args.seconds)
             row["rate"] = rate = row["rps"]["nginx"] / 2
-            for name in targets:
+            for name in order:
                 row["lat"][name] = lat(name, rate)
             rounds.append(row)
             print(f"round {r + 1}: {json.dumps(row)}", flush=True)
