@@ -62,6 +62,20 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// The proxy's CPU time so far (utime + stime), in microseconds. /proc counts in USER_HZ
+/// ticks, which Linux fixes at 100 per second for userland.
+fn cpu_us(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let fields: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
+            let ticks: u64 =
+                fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+            Some(ticks * 10_000)
+        })
+        .unwrap_or(0)
+}
+
 fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).map_err(|e| match e {}).boxed()
 }
@@ -203,6 +217,9 @@ credential = "partner"
 
     // The chaos schedule: revoke every 30 s; take the auth server down once for 20 s.
     let mut rss = BTreeMap::new();
+    // CPU per request over each 10 s window: a proxy that slows as it runs shows a rising series.
+    let mut cpu = BTreeMap::new();
+    let mut last_cpu = (cpu_us(pid), 0u64);
     let mut next_revoke = revoke_every;
     let mut revocations = 0;
     let mut outage_started = false;
@@ -225,8 +242,14 @@ credential = "partner"
             sandbox.restart_auth().await.expect("auth server restarts");
         }
         let second = now.as_secs();
-        if second % 10 == 0 {
-            rss.entry(second).or_insert_with(|| rss_kib(pid));
+        if second % 10 == 0 && !rss.contains_key(&second) {
+            rss.insert(second, rss_kib(pid));
+            let now_cpu = (cpu_us(pid), counts.sent.load(Ordering::Relaxed));
+            let requests = now_cpu.1 - last_cpu.1;
+            if second > 0 && requests > 0 {
+                cpu.insert(second, (now_cpu.0 - last_cpu.0) / requests);
+            }
+            last_cpu = now_cpu;
         }
     }
     while workers.join_next().await.is_some() {}
@@ -268,6 +291,7 @@ credential = "partner"
         "rss_growth_after_warmup_pct": (rss_end as f64 - rss_warm as f64) * 100.0 / rss_warm.max(1) as f64,
         "rss_kib_max": rss_max,
         "rss_kib_every_10s": rss,
+        "cpu_us_per_request_every_10s": cpu,
     });
     println!("{}", serde_json::to_string_pretty(&report).unwrap());
 }
