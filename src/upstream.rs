@@ -129,16 +129,13 @@ impl Service<Request<ProxyBody>> for Upstream {
             body_idle,
         } = *self;
         Box::pin(async move {
-            let timed_out = |_| ProxyError::UpstreamTimeout(timeout);
+            let from_pool = |e| pool_error(e, connect_timeout);
             let response = match client {
                 // tokengate's own client leaves the request with us and hop-by-hop headers out.
                 UpstreamClient::Plain(pool) => match req.into_parts() {
                     (parts, ProxyBody::Full(body)) => {
                         let sent = pool.send(&parts, body.as_deref().unwrap_or_default());
-                        let response = tokio::time::timeout(timeout, sent)
-                            .await
-                            .map_err(timed_out)?
-                            .map_err(|e| pool_error(e, connect_timeout))?;
+                        let response = within(timeout, sent, from_pool).await?;
                         if response.status() == StatusCode::UNAUTHORIZED {
                             keep_for_replay(Request::from_parts(parts, ProxyBody::Full(body)));
                         }
@@ -146,19 +143,15 @@ impl Service<Request<ProxyBody>> for Upstream {
                     }
                     (parts, streaming) => {
                         let sent = pool.send_streaming(Request::from_parts(parts, streaming));
-                        let response = tokio::time::timeout(timeout, sent)
-                            .await
-                            .map_err(timed_out)?
-                            .map_err(|e| pool_error(e, connect_timeout))?;
-                        strip_hops(response)
+                        strip_hops(within(timeout, sent, from_pool).await?)
                     }
                 },
                 UpstreamClient::Tls(client) => {
                     let again = whole_copy(&req);
-                    let response = tokio::time::timeout(timeout, client.request(req))
-                        .await
-                        .map_err(timed_out)?
-                        .map_err(|e| client_error(e, connect_timeout))?;
+                    let response = within(timeout, client.request(req), |e| {
+                        client_error(e, connect_timeout)
+                    })
+                    .await?;
                     if response.status() == StatusCode::UNAUTHORIZED
                         && let Some(again) = again
                     {
@@ -172,6 +165,18 @@ impl Service<Request<ProxyBody>> for Upstream {
             Ok(ProxyResponse::from_parts(parts, ProxyBody::Streaming(body)))
         })
     }
+}
+
+/// `sent`, given `timeout` for the response head (else 504), its error mapped by `error`.
+async fn within<T, E>(
+    timeout: Duration,
+    sent: impl Future<Output = Result<T, E>>,
+    error: impl FnOnce(E) -> ProxyError,
+) -> Result<T, ProxyError> {
+    tokio::time::timeout(timeout, sent)
+        .await
+        .map_err(|_| ProxyError::UpstreamTimeout(timeout))?
+        .map_err(error)
 }
 
 /// Leaves `req`, answered 401, in its context for the retry layer.
