@@ -219,7 +219,7 @@ credential = "partner"
     let mut rss = BTreeMap::new();
     // CPU per request over each 10 s window: a proxy that slows as it runs shows a rising series.
     let mut cpu = BTreeMap::new();
-    let mut last_cpu = (cpu_us(pid), 0u64);
+    let mut last_cpu = (cpu_us(pid), counts.sent.load(Ordering::Relaxed));
     let mut next_revoke = revoke_every;
     let mut revocations = 0;
     let mut outage_started = false;
