@@ -357,8 +357,7 @@ def main():
         cold = {"requests": args.cold, "ok": statuses.count(b"200"), "exchanges": exchanges}
         print(f"cold burst: {cold}", flush=True)
 
-        token = re.search(r"token\s+(\S+)", sh(str(BIN), "token", "--config", str(WORK / "proxy.toml"),
-                                               "bench", "--show", env={**os.environ, "BENCH_SECRET": SECRET})).group(1)
+        token = read_token()
         ng = start_nginx_proxy(token)
         procs.append(ng)
         wait_port(NGINX)
@@ -492,12 +491,18 @@ def profile(procs, seconds):
         print("\n".join(annotated.splitlines()[:60]) + "\n", flush=True)
 
 
+def read_token():
+    """The bench credential's token, from the sandbox auth server (`tokengate token --show`),
+    for nginx's fixed header; tokengate fetches its own."""
+    return re.search(r"token\s+(\S+)", sh(str(BIN), "token", "--config", str(WORK / "proxy.toml"), "bench",
+                                          "--show", env={**os.environ, "BENCH_SECRET": SECRET})).group(1)
+
+
 def bench_token():
-    """A token from the sandbox auth server, for nginx's fixed header (tokengate fetches it)."""
+    """read_token(), with a tokengate started for it (its config file) and stopped again."""
     tg = start_tokengate()
     try:
-        return re.search(r"token\s+(\S+)", sh(str(BIN), "token", "--config", str(WORK / "proxy.toml"), "bench",
-                                              "--show", env={**os.environ, "BENCH_SECRET": SECRET})).group(1)
+        return read_token()
     finally:
         tg.stop()
 
