@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use http::{Request, StatusCode};
 use hyper_util::client::legacy::Client;
@@ -168,15 +169,17 @@ impl Service<Request<ProxyBody>> for Upstream {
 }
 
 /// `sent`, given `timeout` for the response head (else 504), its error mapped by `error`.
-async fn within<T, E>(
+/// A plain function over the timeout future, not an `async fn`: no second state machine on the
+/// request path.
+fn within<T, E>(
     timeout: Duration,
     sent: impl Future<Output = Result<T, E>>,
     error: impl FnOnce(E) -> ProxyError,
-) -> Result<T, ProxyError> {
-    tokio::time::timeout(timeout, sent)
-        .await
-        .map_err(|_| ProxyError::UpstreamTimeout(timeout))?
-        .map_err(error)
+) -> impl Future<Output = Result<T, ProxyError>> {
+    tokio::time::timeout(timeout, sent).map(move |done| {
+        done.map_err(|_| ProxyError::UpstreamTimeout(timeout))?
+            .map_err(error)
+    })
 }
 
 /// Leaves `req`, answered 401, in its context for the retry layer.
