@@ -10,11 +10,10 @@ use std::time::Instant;
 
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use serde_json::json;
 
 use crate::auth::cache::TokenSource;
-use crate::body::{ProxyBody, ProxyResponse};
+use crate::body::{ClientBody, ProxyBody, ProxyResponse};
 use crate::error::{Chain, ProxyError};
 use crate::gateway::SharedLive;
 use crate::metrics::Metrics;
@@ -24,14 +23,14 @@ pub fn service(
     live: SharedLive,
     metrics: Arc<Metrics>,
 ) -> impl tower::Service<
-    Request<Incoming>,
+    Request<ClientBody>,
     Response = ProxyResponse,
     Error = Infallible,
     Future = impl Send + 'static,
 > + Clone
 + Send
 + 'static {
-    tower::service_fn(move |req: Request<Incoming>| {
+    tower::service_fn(move |req: Request<ClientBody>| {
         let live = live.load_full();
         let metrics = metrics.clone();
         async move { Ok(handle(req, &live.credentials, &metrics).await) }
@@ -39,7 +38,7 @@ pub fn service(
 }
 
 async fn handle(
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     credentials: &BTreeMap<String, TokenSource>,
     metrics: &Metrics,
 ) -> ProxyResponse {

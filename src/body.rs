@@ -51,6 +51,47 @@ pub enum BodyError {
     Upstream(#[source] crate::h1::Error),
 }
 
+/// A request body as a client connection hands it over: hyper's, or one tokengate's own
+/// HTTP/1.1 server side ([`crate::front`]) found whole in its read buffer.
+#[derive(Debug)]
+pub enum ClientBody {
+    /// Streaming through hyper.
+    Hyper(Incoming),
+    /// Read whole with the head (`None`: no body).
+    Whole(Option<Bytes>),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Self::Hyper(body) => Pin::new(body).poll_frame(cx),
+            Self::Whole(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Hyper(body) => body.is_end_stream(),
+            Self::Whole(bytes) => bytes.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Hyper(body) => body.size_hint(),
+            Self::Whole(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+        }
+    }
+}
+
 /// A body in either direction: bytes the proxy holds whole, or a guarded stream from a peer.
 #[derive(Debug)]
 pub enum ProxyBody {
@@ -269,7 +310,7 @@ pub struct ReplayBody<S> {
     limits: BodyLimits,
 }
 
-impl<S> Service<Request<Incoming>> for ReplayBody<S>
+impl<S> Service<Request<ClientBody>> for ReplayBody<S>
 where
     S: Service<Request<ProxyBody>, Error = ProxyError> + Clone + Send + 'static,
     S::Response: Send,
@@ -284,7 +325,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<ClientBody>) -> Self::Future {
         let limits = self.limits;
         let (parts, body) = req.into_parts();
         // A declared length over the limit is refused before any exchange or upstream dial.
@@ -294,10 +335,18 @@ where
             };
             return Either::Right(Box::pin(std::future::ready(Err(too_large))));
         }
-        if body.is_end_stream() {
-            let request = Request::from_parts(parts, ProxyBody::Full(None));
-            return Either::Left(self.inner.call(request));
-        }
+        let body = match body {
+            // Read whole with its head: nothing to wait for, and replayable as it is.
+            ClientBody::Whole(bytes) => {
+                let request = Request::from_parts(parts, ProxyBody::Full(bytes));
+                return Either::Left(self.inner.call(request));
+            }
+            ClientBody::Hyper(body) if body.is_end_stream() => {
+                let request = Request::from_parts(parts, ProxyBody::Full(None));
+                return Either::Left(self.inner.call(request));
+            }
+            ClientBody::Hyper(body) => body,
+        };
         let replayable = body
             .size_hint()
             .exact()

@@ -55,8 +55,35 @@ pub enum Error {
     Malformed(&'static str),
 }
 
-/// The most header names remembered per connection ([`Conn`]'s `names`).
+/// The most header names remembered per connection ([`Names`]).
 const MAX_REMEMBERED_NAMES: usize = 32;
+
+/// The header names of the last head a connection read, in order: a peer sends much the same
+/// head every time, so a name found in the same place again is taken from here (no parse, and
+/// no allocation for a name that is not a standard one).
+#[derive(Debug, Default)]
+pub(crate) struct Names(Vec<HeaderName>);
+
+impl Names {
+    /// The `i`th name of a head, spelt `bytes`.
+    pub(crate) fn at(
+        &mut self,
+        i: usize,
+        bytes: &[u8],
+    ) -> Result<HeaderName, http::header::InvalidHeaderName> {
+        if let Some(known) = self.0.get(i)
+            && bytes.eq_ignore_ascii_case(known.as_str().as_bytes())
+        {
+            return Ok(known.clone());
+        }
+        let name = HeaderName::from_bytes(bytes)?;
+        if i < MAX_REMEMBERED_NAMES {
+            self.0.truncate(i);
+            self.0.push(name.clone());
+        }
+        Ok(name)
+    }
+}
 
 /// A connection to an upstream, with the bytes read from it and not yet used.
 #[derive(Debug)]
@@ -65,10 +92,8 @@ pub struct Conn {
     buf: BytesMut,
     /// The room to make before the next read.
     read_size: usize,
-    /// The header names of the last response, in order: an upstream sends much the same head
-    /// every time, so a name found in the same place again is taken from here (no parse, and
-    /// no allocation for a name that is not a standard one).
-    names: Vec<HeaderName>,
+    /// The header names of the last response.
+    names: Names,
 }
 
 impl Conn {
@@ -79,7 +104,7 @@ impl Conn {
             io,
             buf: BytesMut::new(),
             read_size: READ_MIN,
-            names: Vec::new(),
+            names: Names::default(),
         })
     }
 
@@ -242,7 +267,7 @@ enum Framing {
 /// `Connection` names are left out.
 fn parse_head(
     buf: &mut BytesMut,
-    remembered: &mut Vec<HeaderName>,
+    remembered: &mut Names,
     method: &Method,
 ) -> Result<Option<(response::Parts, Framing, bool)>, Error> {
     loop {
@@ -279,24 +304,9 @@ fn parse_head(
         let base = buf.as_ptr() as usize;
         let mut names = Vec::with_capacity(res.headers.len());
         for (i, h) in res.headers.iter().enumerate() {
-            let name = match remembered.get(i) {
-                Some(known)
-                    if h.name
-                        .as_bytes()
-                        .eq_ignore_ascii_case(known.as_str().as_bytes()) =>
-                {
-                    known.clone()
-                }
-                _ => {
-                    let name = HeaderName::from_bytes(h.name.as_bytes())
-                        .map_err(|_| Error::Malformed("header name"))?;
-                    if i < MAX_REMEMBERED_NAMES {
-                        remembered.truncate(i);
-                        remembered.push(name.clone());
-                    }
-                    name
-                }
-            };
+            let name = remembered
+                .at(i, h.name.as_bytes())
+                .map_err(|_| Error::Malformed("header name"))?;
             let at = h.value.as_ptr() as usize - base;
             names.push((name, at..at + h.value.len()));
         }
@@ -368,7 +378,7 @@ fn parse_head(
 }
 
 /// A `Content-Length` value: digits, or a list of equal ones (`5, 5`).
-fn content_length(value: &[u8]) -> Option<u64> {
+pub(crate) fn content_length(value: &[u8]) -> Option<u64> {
     let mut length = None;
     for part in value.split(|&b| b == b',') {
         let part = part.trim_ascii();
@@ -400,7 +410,8 @@ fn names_headers(value: &[u8]) -> bool {
     })
 }
 
-fn has_token(value: &[u8], token: &[u8]) -> bool {
+/// Whether the comma-separated `value` holds `token` (case-insensitive).
+pub(crate) fn has_token(value: &[u8], token: &[u8]) -> bool {
     value
         .split(|&b| b == b',')
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))

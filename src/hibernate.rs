@@ -1,9 +1,9 @@
-//! Idle HTTP/1 keep-alive connections hibernate: while a client holds a connection open between
-//! requests, hyper's connection (with its 8 KiB read and 8 KiB write buffers) is taken apart and
-//! only the socket and the service are kept, until the client's next bytes arrive.
-//!
-//! hyper keeps both buffers for as long as a connection lives, so 10,000 idle keep-alive
-//! clients would hold 160 MB for nothing. nginx frees its buffers the same way between requests.
+//! hyper's turns with plain-TCP HTTP/1 connections: those [`crate::front`] hands over come back
+//! to it once they idle, and hyper's connection (with its 8 KiB read and 8 KiB write buffers)
+//! is taken apart. Only the socket goes back; between requests, [`crate::front`] holds no
+//! buffer either (the connection "hibernates"). hyper keeps both buffers for as long as a
+//! connection lives, so 10,000 idle keep-alive clients would hold 160 MB for nothing. nginx
+//! frees its buffers the same way between requests.
 //!
 //! A connection is taken apart only when nothing can be lost: every request the framing watch
 //! saw has been handed to the service and its response body finished, the watch stands between
@@ -12,12 +12,13 @@
 //! the teardown). Connections hyper would close, upgrade (CONNECT) or that the watch stopped
 //! following (HTTP/2, malformed framing) never qualify.
 //!
-//! The same tick enforces `header_read_timeout` for these connections (hyper's own arms and
-//! drops a timer for every request): a connection that has waited that long for a complete
-//! request head, with every earlier response finished, is closed, as hyper would close it.
-//! The tick makes it up to [`HIBERNATE_AFTER`] late.
+//! The same tick enforces `header_read_timeout` while hyper has the connection (hyper's own
+//! arms and drops a timer for every request): a connection that has waited that long for a
+//! complete request head, with every earlier response finished, is closed, as hyper would
+//! close it. The tick makes it up to [`HIBERNATE_AFTER`] late.
 
 use std::future::poll_fn;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,13 +34,14 @@ use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 use tower::{Service, ServiceExt};
 
+use crate::body::ClientBody;
 use crate::error::BoxError;
 use crate::framing::{Verdicts, Watch};
+use crate::front::Rewound;
 use crate::observe::{Observed, Observer};
 
 /// How long a keep-alive connection stays idle, with no new request, before it hibernates
@@ -142,7 +144,8 @@ enum Phase {
     Idle(Instant),
 }
 
-/// How a listener serves plain-TCP HTTP/1 clients.
+/// How a listener serves plain-TCP HTTP/1 clients: tokengate's own server side
+/// ([`crate::front`]), and hyper for what that hands over.
 pub struct Http1 {
     /// hyper's HTTP/1 settings (without a header read timeout: see the module docs).
     pub builder: http1::Builder,
@@ -154,49 +157,56 @@ pub struct Http1 {
 }
 
 impl Http1 {
-    /// Serves HTTP/1 on `stream` (upgrades allowed) until it ends, hibernating whenever it
-    /// idles. Once `stop` flips, it finishes in-flight requests and closes.
+    /// Serves HTTP/1 through hyper on `io` (upgrades allowed), from the bytes it was handed
+    /// with, until the connection ends (`None`) or idles, settled: then the connection comes
+    /// back, with any bytes hyper has not read and the instant since which it has waited for
+    /// a request head. Once `stop` flips, in-flight requests finish and it closes.
     ///
-    /// Everything is set up before the returned future, which only keeps what a hibernating
-    /// connection needs: no argument is held twice.
+    /// Everything is set up before the returned future, which only keeps what it needs: no
+    /// argument is held twice.
     pub fn serve<S, B>(
         self: Arc<Self>,
-        stream: TcpStream,
-        verdicts: Arc<Verdicts>,
+        io: Rewound,
+        peer: SocketAddr,
         service: S,
         stop: watch::Receiver<bool>,
-    ) -> impl Future<Output = Result<(), BoxError>> + Send + 'static
+    ) -> impl Future<Output = Result<Option<(Rewound, Instant)>, BoxError>> + Send + 'static
     where
-        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Unpin + 'static,
+        S: Service<Request<ClientBody>, Response = Response<B>> + Clone + Send + Unpin + 'static,
         S::Future: Send + 'static,
         S::Error: Into<BoxError>,
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
+        let verdicts = Arc::new(Verdicts::default());
         let idle = Arc::new(Idleness::default());
         let counting = idle.clone();
-        let service = Hyper(service.map_response(move |response: Response<B>| {
-            let idle = counting.clone();
-            response.map(|body| Counted { body, idle })
-        }));
+        let service = crate::server::with_ctx(service, peer, verdicts.clone()).map_response(
+            move |response: Response<B>| {
+                let idle = counting.clone();
+                response.map(|body| Counted { body, idle })
+            },
+        );
         let tracker = Tracker {
             watch: Watch::new(verdicts.clone()),
             idle: idle.clone(),
         };
-        let io = Observed::new(stream, tracker);
-        serve(self, io, service, verdicts, idle, stop)
+        let io = Observed::new(io, tracker);
+        // Boxed: a connection's task keeps no room for hyper's connection while it is not
+        // hyper's.
+        Box::pin(serve(self, io, Hyper(service), verdicts, idle, stop))
     }
 }
 
-/// The connection's loop: an active phase, then hibernation, until the connection ends.
+/// hyper's turn with a connection, until it ends or settles idle.
 async fn serve<S, B>(
     http: Arc<Http1>,
-    mut io: Observed<TcpStream, Tracker>,
-    mut service: S,
+    io: Observed<Rewound, Tracker>,
+    service: S,
     verdicts: Arc<Verdicts>,
     idle: Arc<Idleness>,
     mut stop: watch::Receiver<bool>,
-) -> Result<(), BoxError>
+) -> Result<Option<(Rewound, Instant)>, BoxError>
 where
     S: hyper::service::HttpService<Incoming, ResBody = B> + Unpin + Send + 'static,
     S::Future: Send + 'static,
@@ -204,100 +214,67 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    loop {
-        // The active phase, boxed: a hibernating connection's task keeps no room for hyper's
-        // connection. It gives back the stream and the service if the connection settled.
-        let active = Box::pin(async {
-            let mut conn = http
-                .builder
-                .serve_connection(TokioIo::new(io), service)
-                .with_upgrades();
-            let started = Instant::now();
-            let mut tick = tokio::time::interval_at(started + HIBERNATE_AFTER, HIBERNATE_AFTER);
-            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            let mut seen = verdicts.served();
-            // Since when (as of a tick) the connection has waited for a head, and the responses
-            // finished then: a new one restarts the wait.
-            let mut awaiting = Some(started);
-            let mut finished = idle.finished.load(Ordering::Relaxed);
-            let mut draining = false;
-            let stopping = stop.wait_for(|stopped| *stopped);
-            tokio::pin!(stopping);
-            let phase = poll_fn(|cx| {
-                if !draining && stopping.as_mut().poll(cx).is_ready() {
-                    Pin::new(&mut conn).graceful_shutdown();
-                    draining = true;
-                }
-                if let Poll::Ready(ended) = Pin::new(&mut conn).poll(cx) {
-                    return Poll::Ready(Phase::Ended(ended));
-                }
-                while !draining && let Poll::Ready(now) = tick.poll_tick(cx) {
-                    let served = verdicts.served();
-                    let done = idle.finished.load(Ordering::Relaxed);
-                    awaiting = match awaiting {
-                        Some(since) if idle.awaiting_head(served) && done == finished => {
-                            Some(since)
-                        }
-                        _ if idle.awaiting_head(served) => Some(now),
-                        _ => None,
-                    };
-                    finished = done;
-                    if served == seen && idle.settled(served) {
-                        return Poll::Ready(Phase::Idle(awaiting.unwrap_or(now)));
-                    }
-                    seen = served;
-                    if awaiting.is_some_and(|since| now - since >= http.idle_timeout) {
-                        tracing::debug!("no request head within header_read_timeout; closing");
-                        return Poll::Ready(Phase::Ended(Ok(())));
-                    }
-                }
-                Poll::Pending
-            })
-            .await;
-            let since = match phase {
-                Phase::Ended(ended) => return ended.map(|()| None),
-                Phase::Idle(since) => since,
-            };
-            let Some(http1::Parts {
-                io,
-                read_buf,
-                service,
-                ..
-            }) = conn.into_parts()
-            else {
-                return Ok(None);
-            };
-            // Settled means hyper has parsed every byte it read; stray empty lines between
-            // requests, which hyper skips, are all it may hold. Anything else: close, to be
-            // safe. (The empty view would also keep hyper's whole read buffer.)
-            if !read_buf.iter().all(|b| matches!(b, b'\r' | b'\n')) {
-                tracing::debug!(
-                    bytes = read_buf.len(),
-                    "unparsed bytes at hibernation; closing"
-                );
-                return Ok(None);
-            }
-            Ok(Some((io.into_inner(), service, since)))
-        });
-        let Some(parts) = active.await? else {
-            return Ok(());
-        };
-        let since;
-        (io, service, since) = parts;
-        // Hibernating: no hyper state and no buffers until the client's next bytes.
-        http.hibernating.inc();
-        let woke = tokio::select! {
-            ready = tokio::time::timeout_at(
-                since + http.idle_timeout,
-                io.get_ref().readable(),
-            ) => matches!(ready, Ok(Ok(()))),
-            _ = stop.wait_for(|stopped| *stopped) => false,
-        };
-        http.hibernating.dec();
-        if !woke {
-            return Ok(());
+    let mut conn = http
+        .builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    let started = Instant::now();
+    let mut tick = tokio::time::interval_at(started + HIBERNATE_AFTER, HIBERNATE_AFTER);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut seen = verdicts.served();
+    // Since when (as of a tick) the connection has waited for a head, and the responses
+    // finished then: a new one restarts the wait.
+    let mut awaiting = Some(started);
+    let mut finished = idle.finished.load(Ordering::Relaxed);
+    let mut draining = false;
+    let stopping = stop.wait_for(|stopped| *stopped);
+    tokio::pin!(stopping);
+    let phase = poll_fn(|cx| {
+        if !draining && stopping.as_mut().poll(cx).is_ready() {
+            Pin::new(&mut conn).graceful_shutdown();
+            draining = true;
         }
+        if let Poll::Ready(ended) = Pin::new(&mut conn).poll(cx) {
+            return Poll::Ready(Phase::Ended(ended));
+        }
+        while !draining && let Poll::Ready(now) = tick.poll_tick(cx) {
+            let served = verdicts.served();
+            let done = idle.finished.load(Ordering::Relaxed);
+            awaiting = match awaiting {
+                Some(since) if idle.awaiting_head(served) && done == finished => Some(since),
+                _ if idle.awaiting_head(served) => Some(now),
+                _ => None,
+            };
+            finished = done;
+            if served == seen && idle.settled(served) {
+                return Poll::Ready(Phase::Idle(awaiting.unwrap_or(now)));
+            }
+            seen = served;
+            if awaiting.is_some_and(|since| now - since >= http.idle_timeout) {
+                tracing::debug!("no request head within header_read_timeout; closing");
+                return Poll::Ready(Phase::Ended(Ok(())));
+            }
+        }
+        Poll::Pending
+    })
+    .await;
+    let since = match phase {
+        Phase::Ended(ended) => return ended.map(|()| None).map_err(Into::into),
+        Phase::Idle(since) => since,
+    };
+    let Some(http1::Parts { io, read_buf, .. }) = conn.into_parts() else {
+        return Ok(None);
+    };
+    // Settled means hyper has parsed every byte it read; stray empty lines between requests,
+    // which hyper skips, are all it may hold. Anything else: close, to be safe.
+    if !read_buf.iter().all(|b| matches!(b, b'\r' | b'\n')) {
+        tracing::debug!(
+            bytes = read_buf.len(),
+            "unparsed bytes at hibernation; closing"
+        );
+        return Ok(None);
     }
+    Ok(Some((io.into_inner().into_parts().0, since)))
 }
 
 #[cfg(test)]

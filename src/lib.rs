@@ -42,6 +42,7 @@ pub mod ctx;
 pub mod demo;
 pub mod error;
 pub mod framing;
+pub mod front;
 pub mod gateway;
 pub mod h1;
 pub mod hibernate;

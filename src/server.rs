@@ -20,12 +20,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tower::{Service, ServiceExt};
 
+use crate::body::ClientBody;
 use crate::config::ServerConfig;
 use crate::ctx::Ctx;
 use crate::error::BoxError;
 use crate::framing::{self, Verdicts, Watched};
 use crate::gateway::Gateway;
-use crate::{admin, hibernate, stack, tls};
+use crate::{admin, front, hibernate, stack, tls};
 
 /// The most connections the admin listener serves at once.
 pub const MAX_ADMIN_CONNECTIONS: usize = 64;
@@ -229,7 +230,7 @@ pub async fn serve<S, B>(
     mut stop: watch::Receiver<bool>,
     limits: ServeLimits,
 ) where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+    S: Service<Request<ClientBody>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
         + Unpin
@@ -259,28 +260,23 @@ pub async fn serve<S, B>(
             _ = stop.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        // The framing watch reads the client's bytes; its verdict on each request hyper parses
-        // goes into the request's context, with the client's address.
-        let verdicts = Arc::new(Verdicts::default());
-        let marking = verdicts.clone();
-        let service = service
-            .clone()
-            .map_request(move |mut req: Request<Incoming>| {
-                let ctx = Ctx::new(Some(peer), marking.next());
-                req.extensions_mut().insert(ctx);
-                req
-            });
-        let (http, mut stop, tls) = (http.clone(), stop.clone(), limits.tls.clone());
+        let (service, http, mut stop, tls) = (
+            service.clone(),
+            http.clone(),
+            stop.clone(),
+            limits.tls.clone(),
+        );
         tokio::spawn(async move {
             match tls {
                 None => match speaks_http1(&stream, http.header_read_timeout, &mut stop).await {
                     // Its own task: nothing of this one stays with a long-lived idle connection.
                     Some(true) => {
-                        let serving = http.http1.clone().serve(stream, verdicts, service, stop);
+                        let serving = front::serve(http.http1.clone(), stream, peer, service, stop);
                         tokio::spawn(served(peer, permit, serving));
                     }
                     Some(false) => {
-                        let service = Hyper(service);
+                        let verdicts = Arc::new(Verdicts::default());
+                        let service = Hyper(with_ctx(service, peer, verdicts.clone()));
                         let serving = serve_one(&http.auto, io(stream, verdicts), service, stop);
                         served(peer, permit, Box::pin(serving)).await;
                     }
@@ -290,7 +286,8 @@ pub async fn serve<S, B>(
                     let handshake = tls.acceptor.accept(stream);
                     match tokio::time::timeout(tls.handshake_timeout, Box::pin(handshake)).await {
                         Ok(Ok(stream)) => {
-                            let service = Hyper(service);
+                            let verdicts = Arc::new(Verdicts::default());
+                            let service = Hyper(with_ctx(service, peer, verdicts.clone()));
                             let serving =
                                 serve_one(&http.auto, io(stream, verdicts), service, stop);
                             served(peer, permit, Box::pin(serving)).await;
@@ -315,6 +312,28 @@ pub async fn serve<S, B>(
     {
         tracing::warn!("shutdown grace over; closing connections");
     }
+}
+
+/// `service` for requests hyper parses from `peer`: each gets its context, with the framing
+/// watch's verdict on its head (the watch reads the client's bytes before hyper does).
+pub fn with_ctx<S>(
+    service: S,
+    peer: SocketAddr,
+    verdicts: Arc<Verdicts>,
+) -> impl Service<Request<Incoming>, Response = S::Response, Error = S::Error, Future = S::Future>
++ Clone
++ Send
++ Unpin
++ 'static
+where
+    S: Service<Request<ClientBody>> + Clone + Send + Unpin + 'static,
+{
+    service.map_request(move |req: Request<Incoming>| {
+        let mut req = req.map(ClientBody::Hyper);
+        req.extensions_mut()
+            .insert(Ctx::new(Some(peer), verdicts.next()));
+        req
+    })
 }
 
 /// Runs a connection's `serving` to its end, holding its connection `permit` until then.

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use http::{Request, Response};
 use http_body::Body;
-use hyper::body::Incoming;
 use tower::filter::FilterLayer;
 use tower::limit::ConcurrencyLimitLayer;
 use tower::load_shed::LoadShedLayer;
@@ -13,7 +12,7 @@ use tower::{Service, ServiceBuilder};
 
 use crate::access::AccessCheck;
 use crate::auth::inject::InjectBearerLayer;
-use crate::body::{BodyError, BodyLimits, ReplayBodyLayer};
+use crate::body::{BodyError, BodyLimits, ClientBody, ReplayBodyLayer};
 use crate::config::Config;
 use crate::gateway::SharedLive;
 use crate::metrics::Metrics;
@@ -32,7 +31,7 @@ pub fn proxy(
     config: &Config,
     resolver: Arc<dyn Resolve>,
 ) -> impl Service<
-    Request<Incoming>,
+    Request<ClientBody>,
     Response = Response<impl Body<Data = bytes::Bytes, Error = BodyError> + Send + 'static>,
     Error = Infallible,
     Future = impl Send + 'static,

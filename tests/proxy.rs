@@ -1810,6 +1810,74 @@ async fn idle_keep_alive_connections_hibernate_and_lose_nothing_when_they_wake()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_keep_alive_connection_carries_every_kind_of_request_in_turn() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start().await;
+    let mut stream =
+        tokio::io::BufReader::new(tokio::net::TcpStream::connect(h.proxy).await.unwrap());
+    stream
+        .get_mut()
+        .write_all(b"GET /bytes/10 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, body) = read_response(&mut stream).await;
+    assert_eq!((status, &body[..]), (200, &pattern(10)[..]));
+
+    // A body that comes after its head, then a chunked one: hyper's to read.
+    stream
+        .get_mut()
+        .write_all(b"POST /late HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stream.get_mut().write_all(b"hello").await.unwrap();
+    let (status, body) = read_response(&mut stream).await;
+    assert_eq!((status, json(&body)["body_bytes"].as_u64()), (200, Some(5)));
+    stream
+        .get_mut()
+        .write_all(
+            b"POST /chunked HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let (status, body) = read_response(&mut stream).await;
+    assert_eq!((status, json(&body)["body_bytes"].as_u64()), (200, Some(3)));
+
+    // Past hyper's idle tick the connection is tokengate's again, and carries on.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stream
+        .get_mut()
+        .write_all(b"POST /whole HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
+        .await
+        .unwrap();
+    let (status, body) = read_response(&mut stream).await;
+    assert_eq!((status, json(&body)["body_bytes"].as_u64()), (200, Some(2)));
+
+    // HEAD: the head alone. Then a request asking to close gets its answer and the close.
+    stream
+        .get_mut()
+        .write_all(b"HEAD /bytes/7 HTTP/1.1\r\nHost: a\r\n\r\nGET /bytes/3 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
+        .await
+        .expect("closed after the request that asked")
+        .unwrap();
+    let rest = String::from_utf8_lossy(&rest).to_lowercase();
+    let (head, get) = rest.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("http/1.1 200 ok\r\n"), "{rest}");
+    assert!(head.contains("\r\ndate: "), "{head}");
+    assert!(
+        get.starts_with("http/1.1 200 ok\r\n"),
+        "HEAD had no body: {rest}"
+    );
+    assert!(get.contains("\r\nconnection: close\r\n"), "{get}");
+    assert!(get.ends_with("\r\n\r\n\x00\x01\x02"), "{get:?}");
+    assert_eq!(h.upstream.requests(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_closes_connections_that_never_sent_a_byte_or_idle_between_requests() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut h =

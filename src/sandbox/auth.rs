@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::body::ClientBody;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::net::TcpListener;
 
@@ -125,7 +125,7 @@ impl AuthState {
         *self.fault.lock().unwrap() = fault;
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Response<SandboxBody> {
+    async fn handle(&self, req: Request<ClientBody>) -> Response<SandboxBody> {
         self.requests.fetch_add(1, Ordering::SeqCst);
         let log_uuid = new_log_uuid();
         let fault = self.fault.lock().unwrap().clone();
@@ -165,7 +165,7 @@ impl AuthState {
     }
 
     /// The checks of PROTOCOL.md, in order; `Err(code)` on the first that fails.
-    async fn verify_and_issue(&self, req: Request<Incoming>) -> Result<(String, u64), i64> {
+    async fn verify_and_issue(&self, req: Request<ClientBody>) -> Result<(String, u64), i64> {
         if req.method() != Method::POST || !req.uri().path().ends_with("/v2/auth") {
             return Err(11);
         }

@@ -8,13 +8,13 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::body::ClientBody;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use http::{Request, Response};
 use http_body_util::combinators::BoxBody;
-use hyper::body::Incoming;
 use sha2::Sha256;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -213,7 +213,7 @@ impl Handle {
 /// Serves `handler` on `listener` until the returned handle is dropped.
 fn spawn<F, Fut>(listener: TcpListener, handler: F) -> std::io::Result<Handle>
 where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + Unpin + 'static,
+    F: Fn(Request<ClientBody>) -> Fut + Clone + Send + Sync + Unpin + 'static,
     Fut: Future<Output = Response<SandboxBody>> + Send + 'static,
 {
     let addr = listener.local_addr()?;
@@ -244,7 +244,7 @@ fn spawn_tls<F, Fut>(
     handler: F,
 ) -> std::io::Result<Handle>
 where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Request<ClientBody>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<SandboxBody>> + Send + 'static,
 {
     use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -269,9 +269,9 @@ where
                 let Ok(stream) = acceptor.accept(tcp).await else {
                     return; // a client that refused our certificate
                 };
-                let service = tower::service_fn(move |req| {
+                let service = tower::service_fn(move |req: Request<hyper::body::Incoming>| {
                     let handler = handler.clone();
-                    async move { Ok::<_, Infallible>(handler(req).await) }
+                    async move { Ok::<_, Infallible>(handler(req.map(ClientBody::Hyper)).await) }
                 });
                 let _ = auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))

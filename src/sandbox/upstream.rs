@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use crate::body::ClientBody;
 use bytes::{Bytes, BytesMut};
 use http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -151,7 +151,7 @@ impl UpstreamState {
         }
     }
 
-    fn check(&self, req: &Request<Incoming>) -> Result<(), &'static str> {
+    fn check(&self, req: &Request<ClientBody>) -> Result<(), &'static str> {
         let values: Vec<_> = req.headers().get_all(AUTHORIZATION).iter().collect();
         let [value] = values.as_slice() else {
             return Err("exactly one Authorization header is required");
@@ -185,7 +185,7 @@ impl UpstreamState {
         Ok(())
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Response<SandboxBody> {
+    async fn handle(&self, req: Request<ClientBody>) -> Response<SandboxBody> {
         self.requests.fetch_add(1, Ordering::SeqCst);
         let verdict = self.check(&req);
         let authorization_headers = req.headers().get_all(AUTHORIZATION).iter().count();
