@@ -16,6 +16,7 @@ use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
 use crate::error::ProxyError;
+use crate::h1::WireHead;
 
 /// Which peer a streamed body comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +145,38 @@ impl Body for ProxyBody {
             Self::Streaming(body) => body.inner.size_hint(),
         }
     }
+}
+
+/// A response body that may carry its head in wire form ([`WireHead`]): tokengate's own
+/// upstream client leaves the upstream's header lines there, for [`crate::front`] to send on as
+/// they are. Whatever else serves a response makes them headers first ([`with_headers`]).
+pub trait CarriesHead {
+    /// Takes the head, if the body carries one.
+    fn take_wire_head(&mut self) -> Option<WireHead> {
+        None
+    }
+}
+
+impl CarriesHead for ProxyBody {
+    fn take_wire_head(&mut self) -> Option<WireHead> {
+        match self {
+            Self::Streaming(Guarded {
+                inner: PeerBody::H1(body),
+                ..
+            }) => body.take_wire_head(),
+            _ => None,
+        }
+    }
+}
+
+impl<D, E> CarriesHead for http_body_util::combinators::BoxBody<D, E> {}
+
+/// `response` with the head its body carries (if any) among its headers.
+pub fn with_headers<B: CarriesHead>(mut response: Response<B>) -> Response<B> {
+    if let Some(wire) = response.body_mut().take_wire_head() {
+        wire.append_to(response.headers_mut());
+    }
+    response
 }
 
 /// A body streaming from a peer: hyper's (a client's request body, or a response through

@@ -29,7 +29,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{
-    CONNECTION, CONTENT_LENGTH, DATE, EXPECT, HeaderMap, HeaderValue, TRANSFER_ENCODING, UPGRADE,
+    CONNECTION, CONTENT_LENGTH, DATE, EXPECT, HeaderMap, HeaderName, HeaderValue,
+    TRANSFER_ENCODING, UPGRADE,
 };
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
@@ -39,10 +40,10 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 use tower::Service;
 
-use crate::body::ClientBody;
+use crate::body::{CarriesHead, ClientBody};
 use crate::ctx::Ctx;
 use crate::error::BoxError;
-use crate::h1::{Names, content_length, has_token};
+use crate::h1::{WireHead, content_length, has_token};
 use crate::hibernate::Http1;
 use crate::server::{MAX_HEADER_BYTES, MAX_HEADERS};
 
@@ -52,6 +53,37 @@ pub const READ_SIZE: usize = 8 * 1024;
 pub const MAX_SLICES: usize = 16;
 /// The most response bytes gathered before they are written.
 pub const MAX_GATHERED: usize = 256 * 1024;
+
+/// The most header names remembered per connection ([`Names`]).
+const MAX_REMEMBERED_NAMES: usize = 32;
+
+/// The header names of the last head a connection read, in order and as the client spelt them:
+/// a client sends much the same head every time, so a name spelt the same in the same place
+/// again is taken from here (one comparison of bytes; no parse, and no allocation for a name
+/// that is not a standard one).
+#[derive(Debug, Default)]
+struct Names(Vec<(Box<[u8]>, HeaderName)>);
+
+impl Names {
+    /// The `i`th name of a head, spelt `bytes`.
+    fn at(
+        &mut self,
+        i: usize,
+        bytes: &[u8],
+    ) -> Result<HeaderName, http::header::InvalidHeaderName> {
+        if let Some((spelt, known)) = self.0.get(i)
+            && **spelt == *bytes
+        {
+            return Ok(known.clone());
+        }
+        let name = HeaderName::from_bytes(bytes)?;
+        if i < MAX_REMEMBERED_NAMES {
+            self.0.truncate(i);
+            self.0.push((bytes.into(), name.clone()));
+        }
+        Ok(name)
+    }
+}
 
 /// Serves the plain-TCP HTTP/1 client `io` from `peer` until it closes, fails, idles past
 /// `header_read_timeout`, or `stop` flips (in-flight requests finish first).
@@ -69,7 +101,7 @@ where
         + Unpin
         + 'static,
     S::Future: Send + 'static,
-    B: Body<Data = Bytes> + Send + 'static,
+    B: Body<Data = Bytes> + CarriesHead + Send + 'static,
     B::Error: Into<BoxError>,
 {
     let mut conn = Conn {
@@ -187,20 +219,26 @@ impl Conn {
         mut close: bool,
     ) -> io::Result<bool>
     where
-        B: Body<Data = Bytes>,
+        B: Body<Data = Bytes> + CarriesHead,
         B::Error: Into<BoxError>,
     {
-        let (parts, body) = response.into_parts();
+        let (parts, mut body) = response.into_parts();
         let status = parts.status;
+        let wire = body.take_wire_head();
         close |= parts
             .headers
             .get_all(CONNECTION)
             .iter()
             .any(|v| has_token(v.as_bytes(), b"close"));
-        let declared = parts
-            .headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| content_length(v.as_bytes()));
+        // The length the head declares: the upstream's (its wire head's, which frames the body
+        // as read), or one in the headers.
+        let declared = match &wire {
+            Some(wire) if wire.has_length => body.size_hint().exact(),
+            _ => parts
+                .headers
+                .get(CONTENT_LENGTH)
+                .and_then(|v| content_length(v.as_bytes())),
+        };
         let framing = if head_only
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
@@ -214,7 +252,14 @@ impl Conn {
         } else {
             Framing::Chunked
         };
-        let head = encode_head(status, &parts.headers, framing, declared.is_some(), close);
+        let head = encode_head(
+            status,
+            &parts.headers,
+            wire.as_ref(),
+            framing,
+            declared.is_some(),
+            close,
+        );
         self.gathered.push(head.into());
         if framing == Framing::None {
             flush(&mut self.io, &mut self.gathered).await?;
@@ -349,18 +394,22 @@ enum Framing {
     Chunked,
 }
 
-/// The response head in HTTP/1.1 wire form, with the framing headers this hop decides.
+/// The response head in HTTP/1.1 wire form: `headers`, then the lines of `wire`, with the
+/// framing headers this hop decides (a `Content-Length` unless the head `declared` one).
 fn encode_head(
     status: StatusCode,
     headers: &HeaderMap,
+    wire: Option<&WireHead>,
     framing: Framing,
     declared: bool,
     close: bool,
 ) -> Vec<u8> {
+    let wire_lines = wire.map_or(&[][..], |w| &w.lines[..]);
     let size = headers
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum::<usize>()
+        + wire_lines.len()
         + 128;
     let mut head = Vec::with_capacity(size);
     head.extend_from_slice(b"HTTP/1.1 ");
@@ -370,7 +419,9 @@ fn encode_head(
     head.extend_from_slice(b"\r\n");
     for (name, value) in headers {
         // The coding is this hop's own; a length that does not parse is replaced.
-        if name == TRANSFER_ENCODING || (name == CONTENT_LENGTH && !declared) {
+        if name == TRANSFER_ENCODING
+            || (name == CONTENT_LENGTH && content_length(value.as_bytes()).is_none())
+        {
             continue;
         }
         head.extend_from_slice(name.as_str().as_bytes());
@@ -378,6 +429,7 @@ fn encode_head(
         head.extend_from_slice(value.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
+    head.extend_from_slice(wire_lines);
     match framing {
         Framing::Length(n) if !declared => {
             head.extend_from_slice(b"content-length: ");
@@ -387,7 +439,7 @@ fn encode_head(
         Framing::Chunked => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         _ => {}
     }
-    if !headers.contains_key(DATE) {
+    if !headers.contains_key(DATE) && !wire.is_some_and(|w| w.has_date) {
         head.extend_from_slice(b"date: ");
         with_date(|date| head.extend_from_slice(date));
         head.extend_from_slice(b"\r\n");
@@ -666,6 +718,7 @@ mod tests {
             String::from_utf8(encode_head(
                 StatusCode::OK,
                 headers,
+                None,
                 framing,
                 declared,
                 close,
@@ -687,10 +740,36 @@ mod tests {
             h, "HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: 7\r\ndate: then\r\n\r\n",
             "the declared length and date stay; the coding is this hop's"
         );
-        let h = head(Framing::None, false, false, &headers);
+        headers.insert(CONTENT_LENGTH, HeaderValue::from_static("x"));
+        let h = head(Framing::Chunked, false, false, &headers);
         assert!(
             !h.contains("content-length"),
             "a length that did not parse goes: {h}"
         );
+
+        // An upstream's head goes on as it came, after the headers of the map.
+        let wire = WireHead {
+            lines: Bytes::from_static(b"Content-Type: a/b\r\nContent-Length: 3\r\n"),
+            has_length: true,
+            has_date: false,
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert("x-b", HeaderValue::from_static("2"));
+        let h = String::from_utf8(encode_head(
+            StatusCode::NOT_FOUND,
+            &headers,
+            Some(&wire),
+            Framing::Length(3),
+            true,
+            false,
+        ))
+        .unwrap();
+        assert!(
+            h.starts_with(
+                "HTTP/1.1 404 Not Found\r\nx-b: 2\r\nContent-Type: a/b\r\nContent-Length: 3\r\ndate: "
+            ),
+            "{h}"
+        );
+        assert_eq!(h.matches("ength").count(), 1, "{h}");
     }
 }

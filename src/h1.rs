@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, StatusCode, Version, request, response};
 use http_body::{Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
@@ -55,33 +55,63 @@ pub enum Error {
     Malformed(&'static str),
 }
 
-/// The most header names remembered per connection ([`Names`]).
-const MAX_REMEMBERED_NAMES: usize = 32;
+/// A response head as the upstream sent it, less what this hop removes (hop-by-hop headers,
+/// those `Connection` names, a `Content-Length` a coding overrides): its header lines in wire
+/// form. [`crate::front`] sends them on to HTTP/1.1 clients as they are; for hyper's clients
+/// they become a [`HeaderMap`] ([`WireHead::headers`]).
+#[derive(Debug, Clone, Default)]
+pub struct WireHead {
+    /// The header lines, each ending in CRLF.
+    pub lines: Bytes,
+    /// They hold the `Content-Length` that frames the body.
+    pub has_length: bool,
+    /// They hold a `Date`.
+    pub has_date: bool,
+}
 
-/// The header names of the last head a connection read, in order: a peer sends much the same
-/// head every time, so a name found in the same place again is taken from here (no parse, and
-/// no allocation for a name that is not a standard one).
-#[derive(Debug, Default)]
-pub(crate) struct Names(Vec<HeaderName>);
+impl WireHead {
+    /// The lines as headers, appended to `headers`.
+    pub fn append_to(&self, headers: &mut HeaderMap) {
+        for line in self.lines.split(|&b| b == b'\n') {
+            let Some(colon) = line.iter().position(|&b| b == b':') else {
+                continue;
+            };
+            let value = line[colon + 1..].trim_ascii();
+            let at = value.as_ptr() as usize - self.lines.as_ptr() as usize;
+            // httparse admitted both; a line that will not convert is left out.
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(&line[..colon]),
+                HeaderValue::from_maybe_shared(self.lines.slice(at..at + value.len())),
+            ) {
+                headers.append(name, value);
+            }
+        }
+    }
+}
 
-impl Names {
-    /// The `i`th name of a head, spelt `bytes`.
-    pub(crate) fn at(
-        &mut self,
-        i: usize,
-        bytes: &[u8],
-    ) -> Result<HeaderName, http::header::InvalidHeaderName> {
-        if let Some(known) = self.0.get(i)
-            && bytes.eq_ignore_ascii_case(known.as_str().as_bytes())
-        {
-            return Ok(known.clone());
+/// The header names a response head is read for, told apart by length first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    TransferEncoding,
+    ContentLength,
+    Connection,
+    Date,
+    /// Any other hop-by-hop header ([`crate::hop`]).
+    HopByHop,
+    Other,
+}
+
+impl Field {
+    fn of(name: &[u8]) -> Self {
+        let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
+        match name.len() {
+            17 if is("transfer-encoding") => Self::TransferEncoding,
+            14 if is("content-length") => Self::ContentLength,
+            10 if is("connection") => Self::Connection,
+            4 if is("date") => Self::Date,
+            _ if crate::hop::is_hop_by_hop_name(name) => Self::HopByHop,
+            _ => Self::Other,
         }
-        let name = HeaderName::from_bytes(bytes)?;
-        if i < MAX_REMEMBERED_NAMES {
-            self.0.truncate(i);
-            self.0.push(name.clone());
-        }
-        Ok(name)
     }
 }
 
@@ -92,8 +122,6 @@ pub struct Conn {
     buf: BytesMut,
     /// The room to make before the next read.
     read_size: usize,
-    /// The header names of the last response.
-    names: Names,
 }
 
 impl Conn {
@@ -104,7 +132,6 @@ impl Conn {
             io,
             buf: BytesMut::new(),
             read_size: READ_MIN,
-            names: Names::default(),
         })
     }
 
@@ -234,9 +261,9 @@ pub async fn exchange(
     }
     let mut answered = false;
     loop {
-        match parse_head(&mut conn.buf, &mut conn.names, method) {
-            Ok(Some((parts, framing, keep_alive))) => {
-                return Ok((parts, Body::new(conn, framing, keep_alive, home)));
+        match parse_head(&mut conn.buf, method) {
+            Ok(Some((parts, wire, framing, keep_alive))) => {
+                return Ok((parts, Body::new(conn, wire, framing, keep_alive, home)));
             }
             Ok(None) if conn.buf.len() > MAX_RESPONSE_HEAD => {
                 let error = Error::Malformed("response head too large");
@@ -267,9 +294,8 @@ enum Framing {
 /// `Connection` names are left out.
 fn parse_head(
     buf: &mut BytesMut,
-    remembered: &mut Names,
     method: &Method,
-) -> Result<Option<(response::Parts, Framing, bool)>, Error> {
+) -> Result<Option<(response::Parts, WireHead, Framing, bool)>, Error> {
     loop {
         let mut slots =
             [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_HEADERS];
@@ -300,44 +326,29 @@ fn parse_head(
         } else {
             Version::HTTP_10
         };
-        // Names now; values as offsets, to share the head's bytes once the parser lets go.
-        let base = buf.as_ptr() as usize;
-        let mut names = Vec::with_capacity(res.headers.len());
-        for (i, h) in res.headers.iter().enumerate() {
-            let name = remembered
-                .at(i, h.name.as_bytes())
-                .map_err(|_| Error::Malformed("header name"))?;
-            let at = h.value.as_ptr() as usize - base;
-            names.push((name, at..at + h.value.len()));
-        }
-        let head = buf.split_to(len).freeze();
-
-        let mut headers = HeaderMap::with_capacity(names.len());
-        let mut connection = Vec::new();
+        // What the head says about framing and connection, from the names that matter.
         let (mut chunked, mut other_coding, mut length, mut lengths_differ) =
             (false, false, None::<u64>, false);
-        for (name, range) in names {
-            let value = HeaderValue::from_maybe_shared(head.slice(range))
-                .map_err(|_| Error::Malformed("header value"))?;
-            if name == TRANSFER_ENCODING {
-                // Only the last coding decides; a later header's codings come after.
-                chunked = last_coding_is_chunked(value.as_bytes());
-                other_coding |= !chunked;
-            } else if name == CONTENT_LENGTH {
-                match (content_length(value.as_bytes()), length) {
+        let (mut close, mut names_others, mut has_date) = (false, false, false);
+        for h in res.headers.iter() {
+            match Field::of(h.name.as_bytes()) {
+                Field::TransferEncoding => {
+                    // Only the last coding decides; a later header's codings come after.
+                    chunked = last_coding_is_chunked(h.value);
+                    other_coding |= !chunked;
+                }
+                Field::ContentLength => match (content_length(h.value), length) {
                     (Some(n), None) => length = Some(n),
                     (Some(n), Some(m)) if n == m => {}
                     _ => lengths_differ = true,
+                },
+                Field::Connection => {
+                    close |= has_token(h.value, b"close");
+                    names_others |= names_headers(h.value);
                 }
-            } else if name == CONNECTION {
-                connection.push(value.clone());
+                Field::Date => has_date = true,
+                Field::HopByHop | Field::Other => {}
             }
-            if !crate::hop::is_hop_by_hop(&name) {
-                headers.append(name, value);
-            }
-        }
-        if connection.iter().any(|v| names_headers(v.as_bytes())) {
-            crate::hop::remove_named(&mut headers, &connection);
         }
         let has_te = chunked || other_coding;
         let framing = if *method == Method::HEAD
@@ -360,20 +371,53 @@ fn parse_head(
                 None => Framing::UntilClose,
             }
         };
-        if has_te {
-            headers.remove(CONTENT_LENGTH); // the coding frames the body (RFC 9112 §6.3)
+        // The lines passed on: not hop-by-hop, not named by `Connection`, and no
+        // `Content-Length` where a coding frames the body (RFC 9112 §6.3).
+        let named: Vec<&[u8]> = if names_others {
+            res.headers
+                .iter()
+                .filter(|h| Field::of(h.name.as_bytes()) == Field::Connection)
+                .flat_map(|h| h.value.split(|&b| b == b','))
+                .map(<[u8]>::trim_ascii)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut lines = Vec::with_capacity(len);
+        let mut has_length = false;
+        for h in res.headers.iter() {
+            let name = h.name.as_bytes();
+            match Field::of(name) {
+                Field::TransferEncoding | Field::Connection | Field::HopByHop => continue,
+                Field::ContentLength if has_te => continue,
+                Field::ContentLength => has_length = true,
+                _ => {}
+            }
+            if named.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+                has_length &= Field::of(name) != Field::ContentLength;
+                continue;
+            }
+            // The line as it came, from its name to the end of its value.
+            let start = name.as_ptr() as usize - buf.as_ptr() as usize;
+            let end = h.value.as_ptr() as usize - buf.as_ptr() as usize + h.value.len();
+            lines.extend_from_slice(&buf[start..end]);
+            lines.extend_from_slice(b"\r\n");
         }
-        let close = connection.iter().any(|v| has_token(v.as_bytes(), b"close"));
         let keep_alive = version == Version::HTTP_11
             && !close
             && framing != Framing::UntilClose
             && !(has_te && length.is_some());
+        let wire = WireHead {
+            lines: lines.into(),
+            has_length: has_length && matches!(framing, Framing::Length(_) | Framing::Empty),
+            has_date,
+        };
+        buf.advance(len);
 
         let mut parts = response::Response::new(()).into_parts().0;
         parts.status = status;
         parts.version = version;
-        parts.headers = headers;
-        return Ok(Some((parts, framing, keep_alive)));
+        return Ok(Some((parts, wire, framing, keep_alive)));
     }
 }
 
@@ -433,6 +477,8 @@ enum State {
 /// A response body read from the upstream connection as it is polled. Read to its end, it
 /// gives the connection back to its [`Home`]; dropped before, it closes it.
 pub struct Body {
+    /// The response's head, until it is taken.
+    wire: Option<WireHead>,
     conn: Option<Box<Conn>>,
     state: State,
     keep_alive: bool,
@@ -448,7 +494,13 @@ impl std::fmt::Debug for Body {
 }
 
 impl Body {
-    fn new(conn: Box<Conn>, framing: Framing, keep_alive: bool, home: Arc<dyn Home>) -> Self {
+    fn new(
+        conn: Box<Conn>,
+        wire: WireHead,
+        framing: Framing,
+        keep_alive: bool,
+        home: Arc<dyn Home>,
+    ) -> Self {
         let state = match framing {
             Framing::Empty => State::Length(0),
             Framing::Length(n) => State::Length(n),
@@ -456,6 +508,7 @@ impl Body {
             Framing::UntilClose => State::UntilClose,
         };
         let mut body = Self {
+            wire: Some(wire),
             conn: Some(conn),
             state,
             keep_alive,
@@ -465,6 +518,11 @@ impl Body {
             body.finish();
         }
         body
+    }
+
+    /// Takes the response's head ([`WireHead`]); `None` once taken.
+    pub fn take_wire_head(&mut self) -> Option<WireHead> {
+        self.wire.take()
     }
 
     /// The body has ended: the connection goes home if it is fit for another request.

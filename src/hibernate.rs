@@ -38,7 +38,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 use tower::{Service, ServiceExt};
 
-use crate::body::ClientBody;
+use crate::body::{CarriesHead, ClientBody};
 use crate::error::BoxError;
 use crate::framing::{Verdicts, Watch};
 use crate::front::Rewound;
@@ -175,7 +175,7 @@ impl Http1 {
         S: Service<Request<ClientBody>, Response = Response<B>> + Clone + Send + Unpin + 'static,
         S::Future: Send + 'static,
         S::Error: Into<BoxError>,
-        B: Body<Data = Bytes> + Send + 'static,
+        B: Body<Data = Bytes> + CarriesHead + Send + 'static,
         B::Error: Into<BoxError>,
     {
         let verdicts = Arc::new(Verdicts::default());

@@ -28,6 +28,21 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     hop_index(name).is_some()
 }
 
+/// Whether `name`, as a peer spelt it (any case), is in [`HOP_BY_HOP`]: by its length first.
+pub fn is_hop_by_hop_name(name: &[u8]) -> bool {
+    let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
+    match name.len() {
+        2 => is("te"),
+        7 => is("trailer") || is("upgrade"),
+        10 => is("connection") || is("keep-alive"),
+        16 => is("proxy-connection"),
+        17 => is("transfer-encoding"),
+        18 => is("proxy-authenticate"),
+        19 => is("proxy-authorization"),
+        _ => false,
+    }
+}
+
 /// Where `name` is in [`HOP_BY_HOP`]: one string match, not nine comparisons.
 fn hop_index(name: &HeaderName) -> Option<usize> {
     Some(match name.as_str() {
@@ -121,6 +136,18 @@ pub fn remove_named(headers: &mut HeaderMap, connection: &[HeaderValue]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hop_by_hop_names_are_known_in_any_case() {
+        for name in &HOP_BY_HOP {
+            assert!(is_hop_by_hop_name(name.as_str().as_bytes()), "{name}");
+            let upper = name.as_str().to_ascii_uppercase();
+            assert!(is_hop_by_hop_name(upper.as_bytes()), "{upper}");
+        }
+        for other in ["host", "content-length", "keep-alives", "t", "x-upgrade"] {
+            assert!(!is_hop_by_hop_name(other.as_bytes()), "{other}");
+        }
+    }
 
     #[test]
     fn framing_check_refuses_ambiguous_bodies() {

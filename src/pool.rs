@@ -295,7 +295,12 @@ mod tests {
         req: Request<ProxyBody>,
     ) -> Result<(StatusCode, HeaderMap, Bytes), PoolError> {
         let response = send_one(pool, req).await?;
-        let (parts, body) = response.into_parts();
+        let (mut parts, mut body) = response.into_parts();
+        if let PeerBody::H1(h1) = &mut body
+            && let Some(wire) = h1.take_wire_head()
+        {
+            wire.append_to(&mut parts.headers);
+        }
         let body = body.collect().await.expect("whole body").to_bytes();
         Ok((parts.status, parts.headers, body))
     }

@@ -55,6 +55,7 @@ pub struct Record<S> {
 impl<S, B, RB> Service<Request<B>> for Record<S>
 where
     S: Service<Request<B>, Response = Response<RB>>,
+    RB: http_body::Body,
 {
     type Response = Response<RB>;
     type Error = S::Error;
@@ -125,6 +126,7 @@ pin_project! {
 impl<F, RB, E> Future for RecordFuture<F>
 where
     F: Future<Output = Result<Response<RB>, E>>,
+    RB: http_body::Body,
 {
     type Output = F::Output;
 
@@ -138,8 +140,8 @@ where
             let status = response.status().as_u16();
             this.metrics
                 .request(route.map(|r| &r.name), status, latency);
-            // One line per request. `bytes` is the response's declared length (streamed bodies
-            // of unknown length log none); never a header value.
+            // One line per request. `bytes` is the response's declared length, or its body's
+            // known one (streamed bodies of unknown length log none); never a header value.
             tracing::info!(
                 target: "tokengate::access",
                 method = %this.method,
@@ -152,7 +154,8 @@ where
                 bytes = response
                     .headers()
                     .get(http::header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok()),
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                    .or_else(|| response.body().size_hint().exact()),
             );
         }
         Poll::Ready(result)

@@ -20,7 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tower::{Service, ServiceExt};
 
-use crate::body::ClientBody;
+use crate::body::{self, ClientBody};
 use crate::config::ServerConfig;
 use crate::ctx::Ctx;
 use crate::error::BoxError;
@@ -236,7 +236,7 @@ pub async fn serve<S, B>(
         + Unpin
         + 'static,
     S::Future: Send + 'static,
-    B: Body<Data = bytes::Bytes> + Send + 'static,
+    B: Body<Data = bytes::Bytes> + body::CarriesHead + Send + 'static,
     B::Error: Into<BoxError>,
 {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
@@ -316,24 +316,34 @@ pub async fn serve<S, B>(
 
 /// `service` for requests hyper parses from `peer`: each gets its context, with the framing
 /// watch's verdict on its head (the watch reads the client's bytes before hyper does).
-pub fn with_ctx<S>(
+/// Their responses get the headers their bodies carry in wire form ([`body::with_headers`]),
+/// for hyper to write.
+pub fn with_ctx<S, B>(
     service: S,
     peer: SocketAddr,
     verdicts: Arc<Verdicts>,
-) -> impl Service<Request<Incoming>, Response = S::Response, Error = S::Error, Future = S::Future>
-+ Clone
+) -> impl Service<
+    Request<Incoming>,
+    Response = Response<B>,
+    Error = S::Error,
+    Future = impl Future<Output = Result<Response<B>, S::Error>> + Send + 'static,
+> + Clone
 + Send
 + Unpin
 + 'static
 where
-    S: Service<Request<ClientBody>> + Clone + Send + Unpin + 'static,
+    S: Service<Request<ClientBody>, Response = Response<B>> + Clone + Send + Unpin + 'static,
+    S::Future: Send + 'static,
+    B: body::CarriesHead + 'static,
 {
-    service.map_request(move |req: Request<Incoming>| {
-        let mut req = req.map(ClientBody::Hyper);
-        req.extensions_mut()
-            .insert(Ctx::new(Some(peer), verdicts.next()));
-        req
-    })
+    service
+        .map_request(move |req: Request<Incoming>| {
+            let mut req = req.map(ClientBody::Hyper);
+            req.extensions_mut()
+                .insert(Ctx::new(Some(peer), verdicts.next()));
+            req
+        })
+        .map_response(body::with_headers)
 }
 
 /// Runs a connection's `serving` to its end, holding its connection `permit` until then.

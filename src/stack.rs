@@ -12,7 +12,7 @@ use tower::{Service, ServiceBuilder};
 
 use crate::access::AccessCheck;
 use crate::auth::inject::InjectBearerLayer;
-use crate::body::{BodyError, BodyLimits, ClientBody, ReplayBodyLayer};
+use crate::body::{BodyError, BodyLimits, CarriesHead, ClientBody, ReplayBodyLayer};
 use crate::config::Config;
 use crate::gateway::SharedLive;
 use crate::metrics::Metrics;
@@ -32,7 +32,9 @@ pub fn proxy(
     resolver: Arc<dyn Resolve>,
 ) -> impl Service<
     Request<ClientBody>,
-    Response = Response<impl Body<Data = bytes::Bytes, Error = BodyError> + Send + 'static>,
+    Response = Response<
+        impl Body<Data = bytes::Bytes, Error = BodyError> + CarriesHead + Send + 'static,
+    >,
     Error = Infallible,
     Future = impl Send + 'static,
 > + Clone
