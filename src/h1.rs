@@ -330,8 +330,10 @@ fn parse_head(
         let (mut chunked, mut other_coding, mut length, mut lengths_differ) =
             (false, false, None::<u64>, false);
         let (mut close, mut names_others, mut has_date) = (false, false, false);
-        for h in res.headers.iter() {
-            match Field::of(h.name.as_bytes()) {
+        let mut fields = [Field::Other; MAX_RESPONSE_HEADERS];
+        for (h, field) in res.headers.iter().zip(&mut fields) {
+            *field = Field::of(h.name.as_bytes());
+            match *field {
                 Field::TransferEncoding => {
                     // Only the last coding decides; a later header's codings come after.
                     chunked = last_coding_is_chunked(h.value);
@@ -376,33 +378,46 @@ fn parse_head(
         let named: Vec<&[u8]> = if names_others {
             res.headers
                 .iter()
-                .filter(|h| Field::of(h.name.as_bytes()) == Field::Connection)
-                .flat_map(|h| h.value.split(|&b| b == b','))
+                .zip(&fields)
+                .filter(|(_, field)| **field == Field::Connection)
+                .flat_map(|(h, _)| h.value.split(|&b| b == b','))
                 .map(<[u8]>::trim_ascii)
                 .collect()
         } else {
             Vec::new()
         };
+        // Lines kept one after another in `buf`, each ending in CRLF, are copied as one run.
         let mut lines = Vec::with_capacity(len);
+        let mut run = 0..0;
         let mut has_length = false;
-        for h in res.headers.iter() {
+        for (h, field) in res.headers.iter().zip(fields) {
             let name = h.name.as_bytes();
-            match Field::of(name) {
-                Field::TransferEncoding | Field::Connection | Field::HopByHop => continue,
-                Field::ContentLength if has_te => continue,
-                Field::ContentLength => has_length = true,
-                _ => {}
-            }
-            if named.iter().any(|n| n.eq_ignore_ascii_case(name)) {
-                has_length &= Field::of(name) != Field::ContentLength;
+            let keep = match field {
+                Field::TransferEncoding | Field::Connection | Field::HopByHop => false,
+                Field::ContentLength if has_te => false,
+                _ => !named.iter().any(|n| n.eq_ignore_ascii_case(name)),
+            };
+            if !keep {
                 continue;
             }
+            has_length |= field == Field::ContentLength;
             // The line as it came, from its name to the end of its value.
             let start = name.as_ptr() as usize - buf.as_ptr() as usize;
             let end = h.value.as_ptr() as usize - buf.as_ptr() as usize + h.value.len();
-            lines.extend_from_slice(&buf[start..end]);
-            lines.extend_from_slice(b"\r\n");
+            if start != run.end {
+                lines.extend_from_slice(&buf[run]);
+                run = start..start;
+            }
+            if buf.get(end..end + 2).is_some_and(|eol| eol == b"\r\n") {
+                run.end = end + 2;
+            } else {
+                // A bare LF (httparse admits it) ends the run with a CRLF of our own.
+                lines.extend_from_slice(&buf[run.start..end]);
+                lines.extend_from_slice(b"\r\n");
+                run = 0..0;
+            }
         }
+        lines.extend_from_slice(&buf[run]);
         let keep_alive = version == Version::HTTP_11
             && !close
             && framing != Framing::UntilClose
@@ -647,6 +662,43 @@ mod tests {
         assert_eq!(
             head(Method::POST, &[("content-length", "0")], 0),
             "POST /a/b?c=d HTTP/1.1\r\ncontent-length: 0\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn the_response_head_passes_on_as_its_kept_lines() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nA: 1\r\nA:  2\r\nConnection: x-gone\r\nKeep-Alive: 5\r\nB: 3\nX-Gone: 4\r\nDate: d\r\nContent-Length: 2\r\n\r\nhi"[..],
+        );
+        let (parts, wire, framing, keep_alive) =
+            parse_head(&mut buf, &Method::GET).unwrap().unwrap();
+        assert_eq!(
+            (parts.status, framing, keep_alive),
+            (StatusCode::OK, Framing::Length(2), true)
+        );
+        assert!(parts.headers.is_empty(), "no map is built");
+        assert_eq!(
+            &wire.lines[..],
+            b"A: 1\r\nA:  2\r\nB: 3\r\nDate: d\r\nContent-Length: 2\r\n",
+            "hop-by-hop and Connection-named lines go, the rest as they came (a bare LF mended)"
+        );
+        assert!(wire.has_length && wire.has_date);
+        assert_eq!(&buf[..], b"hi", "the body stays");
+        let mut headers = HeaderMap::new();
+        wire.append_to(&mut headers);
+        let a: Vec<_> = headers.get_all("a").iter().collect();
+        assert_eq!(a, ["1", "2"]);
+        assert_eq!(headers["date"], "d");
+        assert_eq!(headers.len(), 5);
+
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+        );
+        let (_, wire, framing, keep_alive) = parse_head(&mut buf, &Method::GET).unwrap().unwrap();
+        assert_eq!((framing, keep_alive), (Framing::Chunked, false));
+        assert!(
+            wire.lines.is_empty() && !wire.has_length,
+            "the coding frames the body"
         );
     }
 
