@@ -187,6 +187,9 @@ pub enum PeerBody {
     Hyper(Incoming),
     /// Through [`crate::h1`].
     H1(crate::h1::Body),
+    /// Read whole by [`crate::front`], but past `max_replay_body`: sent on as it would have
+    /// streamed, and not replayed.
+    Whole(Option<Bytes>),
 }
 
 impl Body for PeerBody {
@@ -200,6 +203,7 @@ impl Body for PeerBody {
         match self.get_mut() {
             Self::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::Transport),
             Self::H1(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::Upstream),
+            Self::Whole(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
@@ -207,6 +211,7 @@ impl Body for PeerBody {
         match self {
             Self::Hyper(body) => body.is_end_stream(),
             Self::H1(body) => body.is_end_stream(),
+            Self::Whole(bytes) => bytes.is_none(),
         }
     }
 
@@ -214,6 +219,9 @@ impl Body for PeerBody {
         match self {
             Self::Hyper(body) => body.size_hint(),
             Self::H1(body) => body.size_hint(),
+            Self::Whole(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
         }
     }
 }
@@ -369,9 +377,24 @@ where
             return Either::Right(Box::pin(std::future::ready(Err(too_large))));
         }
         let body = match body {
-            // Read whole with its head: nothing to wait for, and replayable as it is.
-            ClientBody::Whole(bytes) => {
+            // Read whole with its head: nothing to wait for, and replayable as it is if it is
+            // within max_replay_body.
+            ClientBody::Whole(bytes)
+                if bytes
+                    .as_ref()
+                    .is_none_or(|b| b.len() as u64 <= limits.max_replay_body) =>
+            {
                 let request = Request::from_parts(parts, ProxyBody::Full(bytes));
+                return Either::Left(self.inner.call(request));
+            }
+            ClientBody::Whole(bytes) => {
+                let body = Guarded::new(
+                    PeerBody::Whole(bytes),
+                    Side::Client,
+                    limits.max_request_body,
+                    limits.idle_timeout,
+                );
+                let request = Request::from_parts(parts, ProxyBody::Streaming(body));
                 return Either::Left(self.inner.call(request));
             }
             ClientBody::Hyper(body) if body.is_end_stream() => {

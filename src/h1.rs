@@ -59,7 +59,7 @@ pub enum Error {
 /// those `Connection` names, a `Content-Length` a coding overrides): its header lines in wire
 /// form. [`crate::front`] sends them on to HTTP/1.1 clients as they are; for hyper's clients
 /// they become a [`HeaderMap`] ([`WireHead::headers`]).
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct WireHead {
     /// The header lines, each ending in CRLF.
     pub lines: Bytes,
@@ -67,6 +67,17 @@ pub struct WireHead {
     pub has_length: bool,
     /// They hold a `Date`.
     pub has_date: bool,
+}
+
+impl std::fmt::Debug for WireHead {
+    /// The upstream's header values stay out of logs: only their size shows.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WireHead")
+            .field("bytes", &self.lines.len())
+            .field("has_length", &self.has_length)
+            .field("has_date", &self.has_date)
+            .finish()
+    }
 }
 
 impl WireHead {

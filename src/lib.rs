@@ -8,8 +8,9 @@
 //!
 //! - [`config`]: `proxy.toml`, its defaults and validation.
 //! - [`gateway`]: the [`Gateway`]: what a config builds, as one snapshot that reloads swap.
-//! - [`server`]: listeners, the accept loop, graceful shutdown; [`hibernate`]: idle HTTP/1
-//!   keep-alive connections give their buffers back; [`adapter`]: the stack served to hyper.
+//! - [`server`]: listeners, the accept loop, graceful shutdown; [`front`]: tokengate's own
+//!   HTTP/1.1 server side for plain-TCP clients, which hands what it does not take on to hyper
+//!   through [`hibernate`] (until the connection idles); [`adapter`]: the stack served to hyper.
 //! - [`stack`]: the request path, assembled in one place. Its layers, outside-in:
 //!   [`record`] (span, metrics, access log), [`rescue`] (errors → JSON), [`access`] (allowed
 //!   clients, shared key; a tower filter),

@@ -284,6 +284,38 @@ async fn a_streamed_body_over_max_replay_body_is_not_buffered_and_not_replayed()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_max_replay_body_is_not_replayed_even_when_it_arrives_with_its_head() {
+    let h = Harness::with(Setup {
+        max_replay_body: 16,
+        ..Setup::default()
+    })
+    .await;
+    let client = client();
+    h.warm(&client).await;
+    for (body, replayed) in [("0123456789abcdef", true), ("0123456789abcdefg", false)] {
+        h.upstream.revoke_seen();
+        let attempts = h.upstream.requests();
+        // One write: head and body reach the proxy together.
+        let (status, answer) = raw_request(
+            h.proxy,
+            &format!(
+                "POST /whole HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+        .await;
+        let (want, tries) = if replayed { (200, 2) } else { (401, 1) };
+        assert_eq!(status, want, "{} bytes: {answer}", body.len());
+        assert_eq!(
+            h.upstream.requests() - attempts,
+            tries,
+            "{} bytes",
+            body.len()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunked_upload_and_10_mib_download_arrive_intact() {
     let h = Harness::start().await;
     let client = client();
