@@ -1,4 +1,4 @@
-//! A tower service served to hyper (and to [`crate::front`], through [`call`]): hyper calls `&self`, tower wants `&mut self` and readiness
+//! A tower service served to hyper (and to [`crate::front`], through [`call_mut`]): hyper calls `&self`, tower wants `&mut self` and readiness
 //! first. hyper-util's adapter clones the service and drives it through a `Oneshot` future for
 //! every request; this one clones it and, when it is ready at once, hands the request over in the
 //! same step, so the request future is the service's own.
@@ -26,20 +26,23 @@ where
     type Future = Either<S::Future, Oneshot<S, R>>;
 
     fn call(&self, req: R) -> Self::Future {
-        call(self.0.clone(), req)
+        call_mut(&mut self.0.clone(), req)
     }
 }
 
-/// Hands `req` to `service` in this step if it is ready at once, else through tower's
-/// `Oneshot`, which waits for its readiness.
-pub fn call<S: Service<R>, R>(mut service: S, req: R) -> Either<S::Future, Oneshot<S, R>> {
+/// Hands `req` to `service` in this step if it is ready at once, else to a clone of it through
+/// tower's `Oneshot`, which waits for its readiness.
+pub fn call_mut<S: Service<R> + Clone, R>(
+    service: &mut S,
+    req: R,
+) -> Either<S::Future, Oneshot<S, R>> {
     // A service ready at once never looks at the waker; one that is not gets a real one
     // from the Oneshot below.
     let mut cx = Context::from_waker(Waker::noop());
     match service.poll_ready(&mut cx) {
         Poll::Ready(Ok(())) => Either::Left(service.call(req)),
         // Not ready, or failed: the Oneshot polls it again and reports what it says.
-        _ => Either::Right(service.oneshot(req)),
+        _ => Either::Right(service.clone().oneshot(req)),
     }
 }
 

@@ -49,6 +49,9 @@ use crate::server::{MAX_HEADER_BYTES, MAX_HEADERS};
 
 /// The room made in a connection's buffer when its next bytes arrive.
 pub const READ_SIZE: usize = 8 * 1024;
+/// How often a waiting connection counts its wait against `header_read_timeout`, which it
+/// enforces up to this late.
+pub const TICK: Duration = crate::hibernate::HIBERNATE_AFTER;
 /// The most buffers gathered for one vectored write.
 pub const MAX_SLICES: usize = 16;
 /// The most response bytes gathered before they are written.
@@ -92,7 +95,7 @@ pub async fn serve<S, B>(
     io: TcpStream,
     peer: SocketAddr,
     service: S,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> Result<(), BoxError>
 where
     S: Service<Request<ClientBody>, Response = Response<B>, Error = Infallible>
@@ -104,16 +107,23 @@ where
     B: Body<Data = Bytes> + CarriesHead + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    let mut stopping = stop.clone();
     let mut conn = Conn {
         io,
         buf: BytesMut::new(),
         names: Names::default(),
         gathered: Vec::new(),
-        idle: Box::pin(tokio::time::sleep(http.idle_timeout)),
+        tick: Box::pin(tokio::time::sleep(TICK)),
+        waited: Duration::ZERO,
+        served: 0,
+        seen: 0,
+        stopping: Box::pin(async move {
+            let _ = stopping.wait_for(|stopped| *stopped).await;
+        }),
     };
-    let mut since = Instant::now();
+    let mut service = service;
     loop {
-        let (req, close) = match conn.next_request(&http, since, peer, &mut stop).await? {
+        let (req, close) = match conn.next_request(&http, peer).await? {
             Next::Request(req, close) => (req, close),
             Next::Ended => return Ok(()),
             Next::Hyper => {
@@ -125,19 +135,28 @@ where
                 let Some((rewound, idle_since)) = served.await? else {
                     return Ok(());
                 };
-                (conn.io, conn.buf, since) = (rewound.io, rewound.prefix, idle_since);
+                (conn.io, conn.buf) = (rewound.io, rewound.prefix);
+                (conn.waited, conn.seen) = (idle_since.elapsed(), conn.served);
                 continue;
             }
         };
         let head_only = req.method() == Method::HEAD;
-        let Ok(response) = crate::adapter::call(service.clone(), req).await;
+        // The connection's own copy of the service: its requests come one at a time.
+        let Ok(response) = crate::adapter::call_mut(&mut service, req).await;
         let close = close || *stop.borrow();
         if !conn.respond(response, head_only, close).await? {
             let _ = conn.io.shutdown().await; // FIN after the answer, before the close
             return Ok(());
         }
-        since = Instant::now();
+        conn.served += 1;
     }
+}
+
+/// What ended a connection's wait.
+enum Woke {
+    Read(io::Result<usize>),
+    Tick,
+    Stop,
 }
 
 /// What a connection read next.
@@ -160,20 +179,22 @@ struct Conn {
     names: Names,
     /// What the next vectored write sends.
     gathered: Vec<Bytes>,
-    /// The deadline of the wait for a complete head; made once, moved for every wait.
-    idle: Pin<Box<Sleep>>,
+    /// Fires every [`TICK`] while the connection waits, to count how long it has waited for
+    /// a complete head (one timer per connection, not one per request).
+    tick: Pin<Box<Sleep>>,
+    /// How long it has waited for a complete head, as the ticks counted it.
+    waited: Duration,
+    /// Requests answered so far, and as of the last tick.
+    served: u64,
+    seen: u64,
+    /// Ready once the listener stops; made once, polled by every wait.
+    stopping: Pin<Box<dyn Future<Output = ()> + Send>>,
 }
 
 impl Conn {
-    /// Reads until a complete request head (that waited since `since`).
-    async fn next_request(
-        &mut self,
-        http: &Http1,
-        since: Instant,
-        peer: SocketAddr,
-        stop: &mut watch::Receiver<bool>,
-    ) -> io::Result<Next> {
-        self.idle.as_mut().reset(since + http.idle_timeout);
+    /// Reads until a complete request head, waiting at most `header_read_timeout` (from the
+    /// last answer, as the ticks count it) or until the listener stops.
+    async fn next_request(&mut self, http: &Http1, peer: SocketAddr) -> io::Result<Next> {
         loop {
             if !self.buf.is_empty() {
                 match parse(&mut self.buf, &mut self.names) {
@@ -193,20 +214,39 @@ impl Conn {
                 self.buf = BytesMut::new(); // give back what the last request left
                 http.hibernating.inc();
             }
-            let Self { io, buf, idle, .. } = self;
-            let read = tokio::select! {
+            let Self {
+                io,
+                buf,
+                tick,
+                stopping,
+                ..
+            } = self;
+            let woke = tokio::select! {
                 biased;
-                read = fill(io, buf) => Some(read),
-                () = idle.as_mut() => None,
-                _ = stop.wait_for(|stopped| *stopped) => None,
+                read = fill(io, buf) => Woke::Read(read),
+                () = tick.as_mut() => Woke::Tick,
+                () = stopping.as_mut() => Woke::Stop,
             };
             if hibernating {
                 http.hibernating.dec();
             }
-            match read {
-                Some(Ok(0)) | None => return Ok(Next::Ended),
-                Some(Ok(_)) => {}
-                Some(Err(error)) => return Err(error),
+            match woke {
+                Woke::Read(Ok(0)) | Woke::Stop => return Ok(Next::Ended),
+                Woke::Read(Ok(_)) => {}
+                Woke::Read(Err(error)) => return Err(error),
+                Woke::Tick => {
+                    // A request answered since the last tick started this wait within it.
+                    if self.served == self.seen {
+                        self.waited += TICK;
+                    } else {
+                        (self.waited, self.seen) = (Duration::ZERO, self.served);
+                    }
+                    if self.waited >= http.idle_timeout {
+                        tracing::debug!("no request head within header_read_timeout; closing");
+                        return Ok(Next::Ended);
+                    }
+                    self.tick.as_mut().reset(Instant::now() + TICK);
+                }
             }
         }
     }
