@@ -340,12 +340,8 @@ impl Conn {
                     return Ok(false);
                 }
                 Framing::Chunked => {
-                    let mut size = format!("{:x}\r\n", data.len()).into_bytes();
-                    if self.gathered.len() == 1 && size.len() < 16 {
-                        // The first chunk's size line rides with the head.
-                        size.splice(0..0, self.gathered.pop().unwrap_or_default());
-                    }
-                    self.gathered.push(size.into());
+                    self.gathered
+                        .push(format!("{:x}\r\n", data.len()).into_bytes().into());
                     self.gathered.push(data);
                     self.gathered.push(Bytes::from_static(b"\r\n"));
                 }
@@ -605,18 +601,6 @@ fn parse(buf: &mut BytesMut, names: &mut Names) -> Parsed {
 pub struct Rewound {
     io: TcpStream,
     prefix: BytesMut,
-}
-
-impl Rewound {
-    /// The socket.
-    pub fn get_ref(&self) -> &TcpStream {
-        &self.io
-    }
-
-    /// Whether hyper has read every byte handed over with it.
-    pub fn caught_up(&self) -> bool {
-        self.prefix.is_empty()
-    }
 }
 
 impl AsyncRead for Rewound {

@@ -284,6 +284,53 @@ async fn a_streamed_body_over_max_replay_body_is_not_buffered_and_not_replayed()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_of_unknown_length_reaches_an_http1_client_chunked_and_whole() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start().await;
+    let mut stream =
+        tokio::io::BufReader::new(tokio::net::TcpStream::connect(h.proxy).await.unwrap());
+    let exchange = async {
+        for _ in 0..2 {
+            // Twice on one connection: the chunked body ends where the next response begins.
+            stream
+                .get_mut()
+                .write_all(b"GET /bytes/300000?unsized HTTP/1.1\r\nHost: a\r\n\r\n")
+                .await
+                .unwrap();
+            let mut head = String::new();
+            loop {
+                let mut line = String::new();
+                stream.read_line(&mut line).await.unwrap();
+                head.push_str(&line.to_ascii_lowercase());
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+            assert!(head.contains("transfer-encoding: chunked\r\n"), "{head}");
+            assert!(!head.contains("content-length"), "{head}");
+            let mut body = Vec::new();
+            loop {
+                let mut size = String::new();
+                stream.read_line(&mut size).await.unwrap();
+                let size = usize::from_str_radix(size.trim_end(), 16).unwrap();
+                let mut chunk = vec![0; size + 2];
+                stream.read_exact(&mut chunk).await.unwrap();
+                assert_eq!(&chunk[size..], b"\r\n");
+                if size == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..size]);
+            }
+            assert_eq!(body, pattern(300_000));
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), exchange)
+        .await
+        .expect("both responses arrived, each framed to its end");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_over_max_replay_body_is_not_replayed_even_when_it_arrives_with_its_head() {
     let h = Harness::with(Setup {
         max_replay_body: 16,

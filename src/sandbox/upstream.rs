@@ -1,6 +1,7 @@
 //! The sandbox upstream: accepts a request only with exactly one valid, unexpired, unrevoked
 //! sandbox Bearer token, records what it saw, and echoes the request (or streams `/bytes/N`,
-//! answers `/redirect` with a 302, or answers `/slow/MS` after MS milliseconds).
+//! chunked with `?unsized`, answers `/redirect` with a 302, or answers `/slow/MS` after MS
+//! milliseconds).
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -241,7 +242,12 @@ impl UpstreamState {
                 .body(super::full(Bytes::new()))
                 .expect("static parts"),
             Ok(()) => match download_size(parts.uri.path()) {
-                Some(n) => Response::new(SandboxBody::new(Pattern { offset: 0, len: n })),
+                Some(n) => Response::new(SandboxBody::new(Pattern {
+                    offset: 0,
+                    len: n,
+                    // `?unsized`: no length declared, so the body goes out chunked.
+                    sized: parts.uri.query() != Some("unsized"),
+                })),
                 None => {
                     let headers: serde_json::Map<String, serde_json::Value> = parts
                         .headers
@@ -302,6 +308,8 @@ pub fn pattern(len: usize) -> Vec<u8> {
 struct Pattern {
     offset: u64,
     len: u64,
+    /// Whether it declares its length.
+    sized: bool,
 }
 
 impl Body for Pattern {
@@ -324,6 +332,10 @@ impl Body for Pattern {
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        http_body::SizeHint::with_exact(self.len - self.offset)
+        if self.sized {
+            http_body::SizeHint::with_exact(self.len - self.offset)
+        } else {
+            http_body::SizeHint::default()
+        }
     }
 }
