@@ -58,7 +58,7 @@ pub enum Error {
 /// A response head as the upstream sent it, less what this hop removes (hop-by-hop headers,
 /// those `Connection` names, a `Content-Length` a coding overrides): its header lines in wire
 /// form. [`crate::front`] sends them on to HTTP/1.1 clients as they are; for hyper's clients
-/// they become a [`HeaderMap`] ([`WireHead::headers`]).
+/// they become a [`HeaderMap`] ([`WireHead::append_to`]).
 #[derive(Clone, Default)]
 pub struct WireHead {
     /// The header lines, each ending in CRLF.

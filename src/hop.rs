@@ -28,7 +28,8 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     hop_index(name).is_some()
 }
 
-/// Whether `name`, as a peer spelt it (any case), is in [`HOP_BY_HOP`]: by its length first.
+/// Whether `name`, as a peer spelt it (any case), is a hop-by-hop header (or
+/// `Transfer-Encoding`), as [`is_hop_by_hop`] says of a parsed name: by its length first.
 pub fn is_hop_by_hop_name(name: &[u8]) -> bool {
     let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
     match name.len() {
