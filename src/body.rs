@@ -72,7 +72,7 @@ impl Body for ClientBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             Self::Hyper(body) => Pin::new(body).poll_frame(cx),
-            Self::Whole(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Self::Whole(bytes) => Poll::Ready(whole_frame(bytes)),
         }
     }
 
@@ -86,11 +86,20 @@ impl Body for ClientBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Hyper(body) => body.size_hint(),
-            Self::Whole(bytes) => {
-                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
-            }
+            Self::Whole(bytes) => whole_hint(bytes),
         }
     }
+}
+
+/// The one frame of a body held whole in `bytes` (none once taken), for every body kind here
+/// that holds one.
+fn whole_frame<E>(bytes: &mut Option<Bytes>) -> Option<Result<Frame<Bytes>, E>> {
+    bytes.take().map(|b| Ok(Frame::data(b)))
+}
+
+/// The exact size of a body held whole in `bytes`.
+fn whole_hint(bytes: &Option<Bytes>) -> SizeHint {
+    SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
 }
 
 /// A body in either direction: bytes the proxy holds whole, or a guarded stream from a peer.
@@ -127,7 +136,7 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Self::Full(bytes) => Poll::Ready(whole_frame(bytes)),
             Self::Streaming(body) => Pin::new(body).poll_frame(cx),
         }
     }
@@ -141,7 +150,7 @@ impl Body for ProxyBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Self::Full(bytes) => whole_hint(bytes),
             Self::Streaming(body) => body.inner.size_hint(),
         }
     }
@@ -203,7 +212,7 @@ impl Body for PeerBody {
         match self.get_mut() {
             Self::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::Transport),
             Self::H1(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::Upstream),
-            Self::Whole(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Self::Whole(bytes) => Poll::Ready(whole_frame(bytes)),
         }
     }
 
@@ -219,9 +228,7 @@ impl Body for PeerBody {
         match self {
             Self::Hyper(body) => body.size_hint(),
             Self::H1(body) => body.size_hint(),
-            Self::Whole(bytes) => {
-                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
-            }
+            Self::Whole(bytes) => whole_hint(bytes),
         }
     }
 }
