@@ -1,7 +1,8 @@
-//! A tower service served to hyper (and to [`crate::front`], through [`call_mut`]): hyper calls `&self`, tower wants `&mut self` and readiness
+//! A tower service served to hyper: hyper calls `&self`, tower wants `&mut self` and readiness
 //! first. hyper-util's adapter clones the service and drives it through a `Oneshot` future for
 //! every request; this one clones it and, when it is ready at once, hands the request over in the
-//! same step, so the request future is the service's own.
+//! same step ([`call_mut`]), so the request future is the service's own. [`crate::front`] calls
+//! [`call_mut`] on its connection's own copy, without the clone.
 //!
 //! The proxy's stack is always ready at once: load shedding turns "not ready" into a 503 and
 //! the rescue layer answers readiness errors (see [`crate::stack`]). A service that is not ready
