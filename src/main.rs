@@ -9,9 +9,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokengate::config::{Config, ConfigError, ProcessEnv, SecretSource};
 use tokengate::{Gateway, demo};
 
-/// mimalloc: fewer instructions per request than glibc's malloc (docs/BENCHMARKS.md).
+/// mimalloc: fewer instructions per request than glibc's malloc, through its plain entry
+/// points where they serve (tokengate::alloc; docs/BENCHMARKS.md).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tokengate::alloc::Allocator = tokengate::alloc::Allocator;
 
 /// How long mimalloc keeps freed memory before it returns it to the OS, in milliseconds.
 /// mimalloc 3 waits 1 s, and purges only when it is next called, so memory freed just before
