@@ -139,7 +139,7 @@ where
             let route = this.ctx.route().map(|r| &r.route);
             let status = response.status().as_u16();
             this.metrics
-                .request(route.map(|r| &r.name), status, latency);
+                .request(route.map(|r| (&r.name, &r.ok_count)), status, latency);
             // One line per request. `bytes` is the response's declared length, or its body's
             // known one (streamed bodies of unknown length log none); never a header value.
             tracing::info!(

@@ -13,6 +13,7 @@ use crate::auth::cache::TokenSource;
 use crate::ctx::Ctx;
 use crate::error::{BoxError, ProxyError};
 use crate::gateway::SharedLive;
+use crate::metrics::OkCount;
 use crate::upstream::UpstreamClient;
 
 /// What to do with an `Authorization` header the client sent itself.
@@ -45,6 +46,8 @@ pub struct Route {
     pub credential: TokenSource,
     /// The pooled client for the route's upstream.
     pub client: UpstreamClient,
+    /// Its count of `200` answers, once it has one.
+    pub ok_count: OkCount,
 }
 
 /// How a [`Route`] is described.
@@ -83,6 +86,7 @@ impl Route {
             client_authorization: spec.client_authorization,
             credential: spec.credential,
             client: spec.client,
+            ok_count: OkCount::default(),
         })
     }
 
