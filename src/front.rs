@@ -24,7 +24,7 @@ use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -47,7 +47,7 @@ use crate::h1::{WireHead, content_length, has_token};
 use crate::hibernate::Http1;
 use crate::server::{MAX_HEADER_BYTES, MAX_HEADERS};
 
-/// The room made in a connection's buffer when its next bytes arrive.
+/// The most one read takes, and the room made in a connection's buffer for its next bytes.
 pub const READ_SIZE: usize = 8 * 1024;
 /// How often a waiting connection counts its wait against `header_read_timeout`, which it
 /// enforces up to this late.
@@ -383,8 +383,18 @@ where
 /// Reads the client's next bytes into `buf`, making room (and a buffer) only once they are
 /// there; `Ok(0)` when it closed.
 async fn fill(io: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    if buf.capacity() == 0 {
-        io.readable().await?;
+    if buf.is_empty() {
+        // A new head: read onto the stack, then keep what came in a buffer of its own size.
+        // A small allocation, where READ_SIZE is a large one (mimalloc's slow path: 8 KiB
+        // allocated and freed again for every request).
+        return std::future::poll_fn(|cx| {
+            let mut room = [MaybeUninit::<u8>::uninit(); READ_SIZE];
+            let mut read = ReadBuf::uninit(&mut room);
+            ready!(Pin::new(&mut *io).poll_read(cx, &mut read))?;
+            *buf = BytesMut::from(read.filled());
+            Poll::Ready(Ok(buf.len()))
+        })
+        .await;
     }
     if buf.capacity() - buf.len() < READ_SIZE / 2 {
         buf.reserve(READ_SIZE);
@@ -581,7 +591,8 @@ fn parse(buf: &mut BytesMut, names: &mut Names) -> Parsed {
         return Parsed::Hyper;
     };
     let body = (body_len > 0).then(|| buf.split_to(body_len).freeze());
-    let mut headers = HeaderMap::with_capacity(fields.len());
+    // Room for the bearer token too, which would otherwise grow the map.
+    let mut headers = HeaderMap::with_capacity(fields.len() + 1);
     for (name, range) in fields {
         // httparse admits only the bytes a HeaderValue holds.
         if let Ok(value) = HeaderValue::from_maybe_shared(head.slice(range)) {
