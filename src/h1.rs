@@ -40,6 +40,9 @@ pub const MAX_RESPONSE_HEADERS: usize = MAX_HEADERS;
 pub const READ_MIN: usize = 8 * 1024;
 /// The most room made for one read: reads that fill the buffer double it up to this.
 pub const READ_MAX: usize = 64 * 1024;
+/// The most room a pooled connection keeps for the request heads it writes; a larger head's
+/// room is given back once it is sent.
+pub const HEAD_ROOM_KEPT: usize = 4 * 1024;
 
 /// Why an exchange with the upstream failed.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +136,8 @@ pub struct Conn {
     buf: BytesMut,
     /// The room to make before the next read.
     read_size: usize,
+    /// The request head being sent, in room kept from the last one (up to [`HEAD_ROOM_KEPT`]).
+    head: Vec<u8>,
 }
 
 impl Conn {
@@ -143,6 +148,7 @@ impl Conn {
             io,
             buf: BytesMut::new(),
             read_size: READ_MIN,
+            head: Vec::new(),
         })
     }
 
@@ -193,9 +199,10 @@ pub trait Home: Send + Sync {
 }
 
 /// The request head in HTTP/1.1 wire form, origin-form target, with `Content-Length` for a
-/// body of `body_len` bytes. `Content-Length` and `Transfer-Encoding` in `parts` are replaced
-/// (the framing is this hop's own); hop-by-hop headers must already be gone.
-pub fn encode_head(parts: &request::Parts, body_len: usize) -> Vec<u8> {
+/// body of `body_len` bytes, written over `head`. `Content-Length` and `Transfer-Encoding` in
+/// `parts` are replaced (the framing is this hop's own); hop-by-hop headers must already be
+/// gone.
+pub fn encode_head(parts: &request::Parts, body_len: usize, head: &mut Vec<u8>) {
     let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let size = parts
         .headers
@@ -204,7 +211,8 @@ pub fn encode_head(parts: &request::Parts, body_len: usize) -> Vec<u8> {
         .sum::<usize>()
         + target.len()
         + 64;
-    let mut head = Vec::with_capacity(size);
+    head.clear();
+    head.reserve(size);
     head.extend_from_slice(parts.method.as_str().as_bytes());
     head.push(b' ');
     head.extend_from_slice(target.as_bytes());
@@ -227,7 +235,6 @@ pub fn encode_head(parts: &request::Parts, body_len: usize) -> Vec<u8> {
         head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(b"\r\n");
-    head
 }
 
 /// How far an exchange got before it failed: whether it may be sent again elsewhere.
@@ -241,21 +248,23 @@ pub struct Failed {
     pub unanswered: bool,
 }
 
-/// Sends `head` and `body` on `conn` and reads the response head. `method` decides whether
-/// the response has a body (`HEAD`'s never has).
+/// Sends the request of `parts` with `body` on `conn` ([`encode_head`]) and reads the
+/// response head, which has no body if the method is `HEAD`.
 pub async fn exchange(
     mut conn: Box<Conn>,
-    head: &[u8],
+    parts: &request::Parts,
     body: &[u8],
-    method: &Method,
     home: Arc<dyn Home>,
 ) -> Result<(response::Parts, Body), Failed> {
+    let method = &parts.method;
     let failed = |error, unsent, unanswered| Failed {
         error,
         unsent,
         unanswered,
     };
-    let mut bufs = [IoSlice::new(head), IoSlice::new(body)];
+    let mut head = std::mem::take(&mut conn.head);
+    encode_head(parts, body.len(), &mut head);
+    let mut bufs = [IoSlice::new(&head), IoSlice::new(body)];
     let mut slices = &mut bufs[..if body.is_empty() { 1 } else { 2 }];
     let mut sent = 0;
     while !slices.is_empty() {
@@ -269,6 +278,9 @@ pub async fn exchange(
             Err(e) => e,
         };
         return Err(failed(error.into(), sent == 0, true));
+    }
+    if head.capacity() <= HEAD_ROOM_KEPT {
+        conn.head = head;
     }
     let mut answered = false;
     loop {
@@ -652,7 +664,9 @@ mod tests {
             req.headers_mut()
                 .append(*name, HeaderValue::from_static(value));
         }
-        String::from_utf8(encode_head(&req.into_parts().0, body_len)).unwrap()
+        let mut out = b"left from the last head".to_vec();
+        encode_head(&req.into_parts().0, body_len, &mut out);
+        String::from_utf8(out).unwrap()
     }
 
     #[test]

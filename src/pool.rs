@@ -58,7 +58,8 @@ pub enum PoolError {
 
 struct Idle {
     conn: Box<Conn>,
-    since: Instant,
+    /// When it has idled [`POOL_IDLE_TIMEOUT`] (a comparison per checkout, no subtraction).
+    stale_at: Instant,
 }
 
 /// The pool for one upstream `host:port`.
@@ -104,17 +105,17 @@ impl Pool {
         self: &Arc<Self>,
         parts: &request::Parts,
         body: &[u8],
+        now: Instant,
     ) -> Result<Response<PeerBody>, PoolError> {
-        let head = h1::encode_head(parts, body.len());
         let mut fresh = false;
         loop {
-            let (conn, reused) = match self.checkout(fresh) {
+            let (conn, reused) = match self.checkout(fresh, now) {
                 Some(conn) => (conn, true),
                 // Boxed: the rare connect keeps its room out of every request's future.
                 None => (Box::pin(self.connect()).await?, false),
             };
             let home = self.clone() as Arc<dyn h1::Home>;
-            match h1::exchange(conn, &head, body, &parts.method, home).await {
+            match h1::exchange(conn, parts, body, home).await {
                 Ok((head, body)) => return Ok(Response::from_parts(head, PeerBody::H1(body))),
                 Err(failed)
                     if reused
@@ -140,14 +141,15 @@ impl Pool {
             .map_err(PoolError::Streamed)
     }
 
-    /// The most recently used idle connection that can carry a request (none if `fresh`).
-    fn checkout(&self, fresh: bool) -> Option<Box<Conn>> {
+    /// The most recently used idle connection that can carry a request at `now` (none if
+    /// `fresh`).
+    fn checkout(&self, fresh: bool, now: Instant) -> Option<Box<Conn>> {
         if fresh {
             return None;
         }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some(Idle { mut conn, since }) = idle.pop_back() {
-            if since.elapsed() < POOL_IDLE_TIMEOUT && conn.is_usable() {
+        while let Some(Idle { mut conn, stale_at }) = idle.pop_back() {
+            if now < stale_at && conn.is_usable() {
                 return Some(conn);
             }
         }
@@ -174,14 +176,14 @@ impl h1::Home for Pool {
     fn put(&self, conn: Box<Conn>) {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle
-            .front()
-            .is_some_and(|oldest| now.duration_since(oldest.since) >= POOL_IDLE_TIMEOUT)
-        {
+        if idle.front().is_some_and(|oldest| now >= oldest.stale_at) {
             idle.pop_front();
         }
         if idle.len() < POOL_MAX_IDLE_PER_HOST {
-            idle.push_back(Idle { conn, since: now });
+            idle.push_back(Idle {
+                conn,
+                stale_at: now + POOL_IDLE_TIMEOUT,
+            });
         }
     }
 }
@@ -286,7 +288,8 @@ mod tests {
         let ProxyBody::Full(body) = body else {
             panic!("a whole body");
         };
-        pool.send(&parts, &body.unwrap_or_default()).await
+        pool.send(&parts, &body.unwrap_or_default(), Instant::now())
+            .await
     }
 
     /// Sends `req` and reads the whole answer as hyper's server would.

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
@@ -129,54 +129,76 @@ impl Service<Request<ProxyBody>> for Upstream {
             connect_timeout,
             body_idle,
         } = *self;
-        Box::pin(async move {
-            let from_pool = |e| pool_error(e, connect_timeout);
-            let response = match client {
-                // tokengate's own client leaves the request with us and hop-by-hop headers out.
-                UpstreamClient::Plain(pool) => match req.into_parts() {
-                    (parts, ProxyBody::Full(body)) => {
-                        let sent = pool.send(&parts, body.as_deref().unwrap_or_default());
-                        let response = within(timeout, sent, from_pool).await?;
-                        if response.status() == StatusCode::UNAUTHORIZED {
-                            keep_for_replay(Request::from_parts(parts, ProxyBody::Full(body)));
-                        }
-                        response
+        let from_pool = move |e| pool_error(e, connect_timeout);
+        // One future per way, each holding only what its way needs: the request moved once,
+        // and the common one (a whole body to a plain upstream) under 1 KiB, which keeps its
+        // box on mimalloc's fast path.
+        match client {
+            // tokengate's own client leaves the request with us and hop-by-hop headers out.
+            UpstreamClient::Plain(pool) => match req.into_parts() {
+                (parts, ProxyBody::Full(body)) => Box::pin(async move {
+                    // One clock reading for the pool's idle check and the deadline.
+                    let now = Instant::now();
+                    let sent = pool.send(&parts, body.as_deref().unwrap_or_default(), now);
+                    let response = within(timeout, now, sent, from_pool).await?;
+                    if response.status() == StatusCode::UNAUTHORIZED {
+                        keep_for_replay(Request::from_parts(parts, ProxyBody::Full(body)));
                     }
-                    (parts, streaming) => {
-                        let sent = pool.send_streaming(Request::from_parts(parts, streaming));
-                        strip_hops(within(timeout, sent, from_pool).await?)
-                    }
-                },
-                UpstreamClient::Tls(client) => {
-                    let again = whole_copy(&req);
-                    let response = within(timeout, client.request(req), |e| {
-                        client_error(e, connect_timeout)
+                    Ok(guarded(response, body_idle))
+                }),
+                (parts, streaming) => {
+                    let req = Request::from_parts(parts, streaming);
+                    Box::pin(async move {
+                        let sent = pool.send_streaming(req);
+                        let response = within(timeout, Instant::now(), sent, from_pool).await?;
+                        let response = strip_hops(response);
+                        Ok(guarded(response, body_idle))
                     })
-                    .await?;
-                    if response.status() == StatusCode::UNAUTHORIZED
-                        && let Some(again) = again
-                    {
-                        keep_for_replay(again);
-                    }
-                    strip_hops(response.map(PeerBody::Hyper))
                 }
-            };
-            let (parts, body) = response.into_parts();
-            let body = Guarded::new(body, Side::Upstream, u64::MAX, body_idle);
-            Ok(ProxyResponse::from_parts(parts, ProxyBody::Streaming(body)))
-        })
+            },
+            UpstreamClient::Tls(client) => Box::pin(async move {
+                let again = whole_copy(&req);
+                let sent = client.request(req);
+                let response = within(timeout, Instant::now(), sent, |e| {
+                    client_error(e, connect_timeout)
+                })
+                .await?;
+                if response.status() == StatusCode::UNAUTHORIZED
+                    && let Some(again) = again
+                {
+                    keep_for_replay(again);
+                }
+                Ok(guarded(
+                    strip_hops(response.map(PeerBody::Hyper)),
+                    body_idle,
+                ))
+            }),
+        }
     }
 }
 
-/// `sent`, given `timeout` for the response head (else 504), its error mapped by `error`.
-/// A plain function over the timeout future, not an `async fn`: no second state machine on the
-/// request path.
+/// The response, its body guarded by `body_idle` (a stalled upstream is cut off).
+fn guarded(response: http::Response<PeerBody>, body_idle: Duration) -> ProxyResponse {
+    let (parts, body) = response.into_parts();
+    let body = Guarded::new(body, Side::Upstream, u64::MAX, body_idle);
+    ProxyResponse::from_parts(parts, ProxyBody::Streaming(body))
+}
+
+/// The longest wait [`within`] sets a deadline for; a longer `request_timeout` waits this long
+/// (30 years, as tokio's own "far future").
+const LONGEST_WAIT: Duration = Duration::from_secs(86_400 * 365 * 30);
+
+/// `sent`, given `timeout` from `started` for the response head (else 504), its error mapped
+/// by `error`. A plain function over the timeout future, not an `async fn`: no second state
+/// machine on the request path.
 fn within<T, E>(
     timeout: Duration,
+    started: Instant,
     sent: impl Future<Output = Result<T, E>>,
     error: impl FnOnce(E) -> ProxyError,
 ) -> impl Future<Output = Result<T, ProxyError>> {
-    tokio::time::timeout(timeout, sent).map(move |done| {
+    let deadline = started + timeout.min(LONGEST_WAIT);
+    tokio::time::timeout_at(deadline.into(), sent).map(move |done| {
         done.map_err(|_| ProxyError::UpstreamTimeout(timeout))?
             .map_err(error)
     })
