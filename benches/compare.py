@@ -225,6 +225,12 @@ def h2load(port, path, seconds, headers):
     return ok, rps
 
 
+def steal_ticks():
+    """Ticks the hypervisor took from each CPU (`steal` in /proc/stat), by CPU number."""
+    return {int(f[0][3:]): int(f[8]) for f in (line.split() for line in Path("/proc/stat").read_text().splitlines())
+            if f[0].startswith("cpu") and f[0] != "cpu"}
+
+
 def measured(proc, run):
     """Runs `run()` -> (requests, result); adds the proxy's CPU µs per request (None direct)."""
     before = proc.cpu_seconds() if proc else 0.0
@@ -380,8 +386,13 @@ def main():
             return measured(proc, lambda: wrk(port, path, seconds, headers, connections))
 
         def lat(name, rate):
+            """Latency at `rate`, with the share of each CPU the hypervisor stole meanwhile (%)."""
             port, _, proc, headers = targets[name]
-            return measured(proc, lambda: oha(port, "1k", args.seconds, headers, rate))[0]
+            before = steal_ticks()
+            result = measured(proc, lambda: oha(port, "1k", args.seconds, headers, rate))[0]
+            after = steal_ticks()
+            stolen = {f"steal_cpu{c}": (after[c] - before[c]) * 100 / (CLK_TCK * args.seconds) for c in (0, 1)}
+            return {**result, **stolen}
 
         def h2(name):
             _, port, proc, headers = targets[name]
@@ -566,6 +577,10 @@ def report(results):
               f"req/s {', '.join(f'{x:.2f}' for x in r['rps'])} (median {med(r['rps']):.2f}); "
               f"added p99 minus nginx's, µs: {', '.join(f'{x:,.0f}' for x in r['added_p99'])} "
               f"(median {med(r['added_p99']):,.0f})")
+    print("\nCPU time the hypervisor stole during each round's latency window, % of CPU 1 (CPU 0):\n")
+    for name in ["direct", *proxies, "nginx"]:
+        print(f"- {name}: " + ", ".join(f"{x['lat'][name]['steal_cpu1']:.0f} ({x['lat'][name]['steal_cpu0']:.0f})"
+                                         for x in results["rounds"]))
     print("\n## Other cases (one run each): saturation req/s, proxy CPU µs/request\n")
     print("| case | direct | tokengate | nginx | req/s ratio | CPU ratio |")
     print("|---|---|---|---|---|---|")
