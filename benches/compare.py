@@ -336,6 +336,9 @@ def main():
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL[,bin=PATH][,ENV=VALUE...]",
                     help="instead: alternate tokengate variants (2 or more) for --rounds rounds and "
                          "report each one's saturation req/s and CPU µs per request (1 KiB)")
+    ap.add_argument("--tail", type=int, metavar="ROUNDS",
+                    help="instead: only the latency windows, direct / tokengate / nginx alternated for "
+                         "ROUNDS rounds at 50%% of nginx's saturation, for a verdict on added p99 with more pairs")
     args = ap.parse_args()
 
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -354,6 +357,8 @@ def main():
             return profile(procs, args.seconds)
         if args.variant:
             return variants(procs, args.variant, args.rounds, args.seconds)
+        if args.tail:
+            return tail(procs, args.tail, args.seconds)
 
         # Exactly one exchange for a burst of concurrent cold requests.
         tg = start_tokengate()
@@ -551,6 +556,39 @@ def variants(procs, specs, rounds, seconds):
     for label, s in seen.items():
         print(f"| {label} | {med(s['rps']):,.0f} | {med(s['cpu_us']):.1f} | {med(s['user_us']):.1f} | "
               f"{spread(s['rps']):.1%} | {spread(s['cpu_us']):.1%} |")
+
+
+def tail(procs, rounds, seconds):
+    """Added p99 alone, over many alternated rounds: the rate is half of nginx's saturation
+    (median of three wrk runs), each round runs direct, tokengate and nginx in turn (backward in
+    odd rounds), and the verdict is the paired median with a count of the rounds on each side."""
+    token = bench_token()
+    tg, ng = start_tokengate(), start_nginx_proxy(token)
+    procs += [tg, ng]
+    wait_port(NGINX)
+    targets = {"direct": (UPSTREAM, ["-H", f"Authorization: Bearer {token}"]), "tokengate": (TOKENGATE, []),
+               "nginx": (NGINX, [])}
+    for port, headers in targets.values():
+        wrk(port, "1k", 2, headers)  # warm up pools and caches
+    rate = med([wrk(NGINX, "1k", seconds, [])[1] for _ in range(3)]) / 2
+    print(f"rate: {rate:,.0f} req/s", flush=True)
+    p99 = {name: [] for name in targets}
+    stolen = {name: [] for name in targets}
+    for r in range(rounds):
+        for name in (list(targets) if r % 2 == 0 else list(reversed(targets))):
+            port, headers = targets[name]
+            before = steal_ticks()
+            p99[name].append(oha(port, "1k", seconds, headers, rate)[1]["p99"])
+            after = steal_ticks()
+            stolen[name].append((after[1] - before[1]) * 100 / (CLK_TCK * seconds))
+        print(f"round {r + 1}: p99 µs " + ", ".join(f"{n} {p99[n][-1]:,.0f}" for n in targets) +
+              "; steal CPU 1 % " + ", ".join(f"{stolen[n][-1]:.0f}" for n in targets), flush=True)
+    diff = [t - n for t, n in zip(p99["tokengate"], p99["nginx"])]  # direct's p99 cancels out
+    above = sum(d > 0 for d in diff)
+    print(f"\nadded p99 µs, medians: tokengate {med(p99['tokengate']) - med(p99['direct']):,.0f}, "
+          f"nginx {med(p99['nginx']) - med(p99['direct']):,.0f} (direct's own p99 {med(p99['direct']):,.0f})")
+    print(f"tokengate's p99 minus nginx's, paired: median {med(diff):+,.0f} µs; tokengate above in "
+          f"{above} of {rounds} rounds, below in {sum(d < 0 for d in diff)}")
 
 
 def report(results):
