@@ -231,6 +231,14 @@ def steal_ticks():
             if f[0].startswith("cpu") and f[0] != "cpu"}
 
 
+def with_steal(run, seconds):
+    """Runs `run()` -> (its result, the % of each CPU the hypervisor stole over `seconds`)."""
+    before = steal_ticks()
+    result = run()
+    after = steal_ticks()
+    return result, {cpu: (after[cpu] - before[cpu]) * 100 / (CLK_TCK * seconds) for cpu in before}
+
+
 def measured(proc, run):
     """Runs `run()` -> (requests, result); adds the proxy's CPU µs per request (None direct)."""
     before = proc.cpu_seconds() if proc else 0.0
@@ -393,11 +401,9 @@ def main():
         def lat(name, rate):
             """Latency at `rate`, with the share of each CPU the hypervisor stole meanwhile (%)."""
             port, _, proc, headers = targets[name]
-            before = steal_ticks()
-            result = measured(proc, lambda: oha(port, "1k", args.seconds, headers, rate))[0]
-            after = steal_ticks()
-            stolen = {f"steal_cpu{c}": (after[c] - before[c]) * 100 / (CLK_TCK * args.seconds) for c in (0, 1)}
-            return {**result, **stolen}
+            result, stolen = with_steal(lambda: measured(proc, lambda: oha(port, "1k", args.seconds, headers,
+                                                                            rate))[0], args.seconds)
+            return {**result, "steal_cpu0": stolen[0], "steal_cpu1": stolen[1]}
 
         def h2(name):
             _, port, proc, headers = targets[name]
@@ -564,7 +570,7 @@ def tail(procs, rounds, seconds):
     odd rounds), and the verdict is the paired median with a count of the rounds on each side."""
     token = bench_token()
     tg, ng = start_tokengate(), start_nginx_proxy(token)
-    procs += [tg, ng]
+    procs.extend([tg, ng])
     wait_port(NGINX)
     targets = {"direct": (UPSTREAM, ["-H", f"Authorization: Bearer {token}"]), "tokengate": (TOKENGATE, []),
                "nginx": (NGINX, [])}
@@ -577,10 +583,9 @@ def tail(procs, rounds, seconds):
     for r in range(rounds):
         for name in (list(targets) if r % 2 == 0 else list(reversed(targets))):
             port, headers = targets[name]
-            before = steal_ticks()
-            p99[name].append(oha(port, "1k", seconds, headers, rate)[1]["p99"])
-            after = steal_ticks()
-            stolen[name].append((after[1] - before[1]) * 100 / (CLK_TCK * seconds))
+            latency, steal = with_steal(lambda: oha(port, "1k", seconds, headers, rate)[1], seconds)
+            p99[name].append(latency["p99"])
+            stolen[name].append(steal[1])
         print(f"round {r + 1}: p99 µs " + ", ".join(f"{n} {p99[n][-1]:,.0f}" for n in targets) +
               "; steal CPU 1 % " + ", ".join(f"{stolen[n][-1]:.0f}" for n in targets), flush=True)
     diff = [t - n for t, n in zip(p99["tokengate"], p99["nginx"])]  # direct's p99 cancels out
