@@ -568,9 +568,11 @@ def tail(procs, rounds, seconds):
     """Added p99 alone, over many alternated rounds: the rate is half of nginx's saturation
     (median of three wrk runs), each round runs direct, tokengate and nginx in turn (backward in
     odd rounds), and the verdict is the paired median with a count of the rounds on each side."""
-    token = bench_token()
-    tg, ng = start_tokengate(), start_nginx_proxy(token)
-    procs.extend([tg, ng])
+    tg = start_tokengate()
+    procs.append(tg)
+    token = read_token()
+    ng = start_nginx_proxy(token)
+    procs.append(ng)
     wait_port(NGINX)
     targets = {"direct": (UPSTREAM, ["-H", f"Authorization: Bearer {token}"]), "tokengate": (TOKENGATE, []),
                "nginx": (NGINX, [])}
