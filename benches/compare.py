@@ -7,7 +7,8 @@ Bearer token. Each proxy runs on CPU 1; the load generators and the upstream sha
 
 Rounds alternate direct / tokengate / nginx (forward, then backward) so that drift on this shared
 machine hits all three alike; medians of the rounds are reported, with the spread (max-min over
-median) and each round's own ratios. Results go to
+median) and each round's own ratios. A window in which the hypervisor took more than --steal-limit
+% of either CPU is run again (--tries). Results go to
 target/compare/results.json and a chart to docs/bench-chart.svg; the Markdown tables are printed.
 """
 
@@ -38,6 +39,13 @@ AGENT, SECRET = "benchAgent01", "bench-secret-4f9Kq2"
 JWT_KEY = "11" * 32
 SIZES = {"0b": 0, "1k": 1024, "16k": 16 * 1024, "1m": 1024 * 1024}
 CONNECTIONS = 64  # closed- and open-loop client connections
+# A measurement window in which the hypervisor took more than STEAL_LIMIT % of either CPU (`steal`
+# in /proc/stat) is run again, WINDOW_TRIES times at most in all, and the least-stolen try is
+# kept: that CPU time was taken by other tenants, not spent by a proxy (docs/BENCHMARKS.md).
+# --steal-limit and --tries set them; WINDOWS counts what happened, for the report.
+STEAL_LIMIT = 1.0
+WINDOW_TRIES = 3
+WINDOWS = {"windows": 0, "tries": 0, "kept_over_limit": 0}
 
 
 def sh(*args, **kw):
@@ -131,14 +139,23 @@ def start_upstream():
     www.mkdir(exist_ok=True)
     for name, size in SIZES.items():
         (www / name).write_bytes(b"x" * size)
+    # Its work per request is kept to the least nginx can do, because it shares CPU 0 with the load
+    # generator: 0 B and 1 KiB come from memory (`return`; a config string holds at most 4 KiB),
+    # 16 KiB and 1 MiB from files whose descriptors stay open. Serving each request from a file
+    # cost open, fstat and close on top of the read, and left CPU 0, not the proxy on CPU 1, to
+    # set the closed-loop rate of all three targets (docs/BENCHMARKS.md).
     conf = nginx_conf("upstream", f"""
+    open_file_cache max=16 inactive=1h;
+    open_file_cache_valid 1h;
     server {{
         listen 127.0.0.1:{UPSTREAM};
         listen 127.0.0.1:{UPSTREAM_H2} http2;
         root {www};
-        location / {{
-            if ($http_authorization !~ "^Bearer .") {{ return 401; }}
-        }}
+        default_type application/octet-stream;
+        if ($http_authorization !~ "^Bearer .") {{ return 401; }}
+        location = /0b {{ return 200 ""; }}
+        location = /1k {{ return 200 "{'x' * SIZES['1k']}"; }}
+        location / {{ }}
     }}""")
     return Proc("upstream", pinned(0, "nginx", "-c", str(conf)), measured_child=True)
 
@@ -182,6 +199,18 @@ credential = "bench"
     p = Proc(name, pinned(1, *wrapper, str(binary), "run", "--config", str(conf)), env=env)
     wait_port(port, timeout=120)
     return p
+
+
+def start_also(procs, specs):
+    """Starts the `--also` builds (LABEL=PATH each) beside the first: label -> (port, process)."""
+    started = {}
+    for i, spec in enumerate(specs):
+        label, path = spec.split("=", 1)
+        port, admin = ALSO_PORTS[i]
+        proc = start_tokengate(binary=Path(path), name=f"also{i}", port=port, admin=admin)
+        procs.append(proc)
+        started[label] = (port, proc)
+    return started
 
 
 def metric(name):
@@ -237,6 +266,29 @@ def with_steal(run, seconds):
     result = run()
     after = steal_ticks()
     return result, {cpu: (after[cpu] - before[cpu]) * 100 / (CLK_TCK * seconds) for cpu in before}
+
+
+def steady(run, seconds):
+    """Runs the window `run()`, again while the hypervisor took more than STEAL_LIMIT % of either
+    CPU during it, WINDOW_TRIES times at most in all -> (the least-stolen try's result, the % of
+    each CPU stolen during it)."""
+    best = None
+    for n in range(1, WINDOW_TRIES + 1):
+        result, stolen = with_steal(run, seconds)
+        if best is None or max(stolen.values()) < max(best[1].values()):
+            best = (result, stolen)
+        if max(stolen.values()) <= STEAL_LIMIT:
+            break
+    WINDOWS["windows"] += 1
+    WINDOWS["tries"] += n
+    WINDOWS["kept_over_limit"] += max(best[1].values()) > STEAL_LIMIT
+    return best
+
+
+def windows_line(w):
+    """What steady() did, in one line."""
+    return (f"{w['windows']} windows in {w['tries']} tries ({w['tries'] - w['windows']} run again for more than "
+            f"{STEAL_LIMIT}% steal); {w['kept_over_limit']} kept above it, after {WINDOW_TRIES} tries")
 
 
 def measured(proc, run):
@@ -330,6 +382,7 @@ def chart(results, path):
 
 
 def main():
+    global STEAL_LIMIT, WINDOW_TRIES
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=8,
                     help="alternating 1 KiB rounds (more, shorter rounds ride out this machine's noise)")
@@ -340,14 +393,20 @@ def main():
                     help="instead: count tokengate's instructions per request under callgrind")
     ap.add_argument("--also", action="append", default=[], metavar="LABEL=PATH",
                     help="another tokengate build (e.g. the release build without PGO) measured beside "
-                         "the first in the 1 KiB rounds")
+                         "the first in the 1 KiB rounds (and in --tail's windows)")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL[,bin=PATH][,ENV=VALUE...]",
                     help="instead: alternate tokengate variants (2 or more) for --rounds rounds and "
                          "report each one's saturation req/s and CPU µs per request (1 KiB)")
+    ap.add_argument("--steal-limit", type=float, default=STEAL_LIMIT, metavar="PERCENT",
+                    help="run a window again if the hypervisor took more than this share of either CPU "
+                         "during it (default %(default)s)")
+    ap.add_argument("--tries", type=int, default=WINDOW_TRIES,
+                    help="the most times a window is run; the least-stolen try is kept (default %(default)s)")
     ap.add_argument("--tail", type=int, metavar="ROUNDS",
                     help="instead: only the latency windows, direct / tokengate / nginx alternated for "
                          "ROUNDS rounds at 50%% of nginx's saturation, for a verdict on added p99 with more pairs")
     args = ap.parse_args()
+    STEAL_LIMIT, WINDOW_TRIES = args.steal_limit, args.tries
 
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
@@ -366,7 +425,7 @@ def main():
         if args.variant:
             return variants(procs, args.variant, args.rounds, args.seconds)
         if args.tail:
-            return tail(procs, args.tail, args.seconds)
+            return tail(procs, args.tail, args.seconds, args.also)
 
         # Exactly one exchange for a burst of concurrent cold requests.
         tg = start_tokengate()
@@ -386,31 +445,28 @@ def main():
                    "tokengate": (TOKENGATE, TOKENGATE, tg, []),
                    "nginx": (NGINX, NGINX_H2, ng, [])}
         main_targets = list(targets)
-        for i, spec in enumerate(args.also):  # more tokengate builds, for the 1 KiB rounds only
-            label, path = spec.split("=", 1)
-            port, admin = ALSO_PORTS[i]
-            proc = start_tokengate(binary=Path(path), name=f"also{i}", port=port, admin=admin)
-            procs.append(proc)
+        for label, (port, proc) in start_also(procs, args.also).items():  # for the 1 KiB rounds only
             targets[label] = (port, port, proc, [])
         proxies = [name for name in targets if name != "direct"]
 
         def sat(name, path, seconds, connections=CONNECTIONS):
             port, _, proc, headers = targets[name]
-            return measured(proc, lambda: wrk(port, path, seconds, headers, connections))
+            return steady(lambda: measured(proc, lambda: wrk(port, path, seconds, headers, connections)),
+                          seconds)[0]
 
         def lat(name, rate):
             """Latency at `rate`, with the share of each CPU the hypervisor stole meanwhile (%)."""
             port, _, proc, headers = targets[name]
-            result, stolen = with_steal(lambda: measured(proc, lambda: oha(port, "1k", args.seconds, headers,
-                                                                            rate))[0], args.seconds)
+            result, stolen = steady(lambda: measured(proc, lambda: oha(port, "1k", args.seconds, headers,
+                                                                        rate))[0], args.seconds)
             return {**result, "steal_cpu0": stolen[0], "steal_cpu1": stolen[1]}
 
         def h2(name):
             _, port, proc, headers = targets[name]
-            return measured(proc, lambda: h2load(port, "1k", args.seconds, headers))
+            return steady(lambda: measured(proc, lambda: h2load(port, "1k", args.seconds, headers)), args.seconds)[0]
 
-        for name in targets:  # warm up pools and caches
-            sat(name, "1k", 2)
+        for port, _, _, headers in targets.values():  # warm up pools and caches
+            wrk(port, "1k", 2, headers)
 
         rounds = []
         for r in range(args.rounds):
@@ -463,6 +519,7 @@ def main():
                 for name in main_targets if targets[name][2]}
         nginx_version = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
         results = {"rounds": rounds, "summary": res, "cases": cases, "idle_rss_mb": idle, "cold": cold,
+                   "windows": {**WINDOWS, "steal_limit_pct": STEAL_LIMIT},
                    "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release, "nginx": nginx_version}}
         (WORK / "results.json").write_text(json.dumps(results, indent=2))
         chart(res, ROOT / "docs" / "bench-chart.svg")
@@ -564,18 +621,22 @@ def variants(procs, specs, rounds, seconds):
               f"{spread(s['rps']):.1%} | {spread(s['cpu_us']):.1%} |")
 
 
-def tail(procs, rounds, seconds):
+def tail(procs, rounds, seconds, also=()):
     """Added p99 alone, over many alternated rounds: the rate is half of nginx's saturation
-    (median of three wrk runs), each round runs direct, tokengate and nginx in turn (backward in
-    odd rounds), and the verdict is the paired median with a count of the rounds on each side."""
+    (median of three wrk runs), each round runs direct, tokengate, the --also builds and nginx in
+    turn (backward in odd rounds), and the verdict is the paired median with a count of the rounds
+    on each side, for each tokengate build against nginx."""
     tg = start_tokengate()
     procs.append(tg)
     token = read_token()
     ng = start_nginx_proxy(token)
     procs.append(ng)
     wait_port(NGINX)
-    targets = {"direct": (UPSTREAM, ["-H", f"Authorization: Bearer {token}"]), "tokengate": (TOKENGATE, []),
-               "nginx": (NGINX, [])}
+    targets = {"direct": (UPSTREAM, ["-H", f"Authorization: Bearer {token}"]), "tokengate": (TOKENGATE, [])}
+    for label, (port, _) in start_also(procs, also).items():
+        targets[label] = (port, [])
+    targets["nginx"] = (NGINX, [])
+    builds = [name for name in targets if name not in ("direct", "nginx")]
     for port, headers in targets.values():
         wrk(port, "1k", 2, headers)  # warm up pools and caches
     rate = med([wrk(NGINX, "1k", seconds, [])[1] for _ in range(3)]) / 2
@@ -585,17 +646,19 @@ def tail(procs, rounds, seconds):
     for r in range(rounds):
         for name in (list(targets) if r % 2 == 0 else list(reversed(targets))):
             port, headers = targets[name]
-            latency, steal = with_steal(lambda: oha(port, "1k", seconds, headers, rate)[1], seconds)
+            latency, steal = steady(lambda: oha(port, "1k", seconds, headers, rate)[1], seconds)
             p99[name].append(latency["p99"])
             stolen[name].append(steal[1])
         print(f"round {r + 1}: p99 µs " + ", ".join(f"{n} {p99[n][-1]:,.0f}" for n in targets) +
               "; steal CPU 1 % " + ", ".join(f"{stolen[n][-1]:.0f}" for n in targets), flush=True)
-    diff = [t - n for t, n in zip(p99["tokengate"], p99["nginx"])]  # direct's p99 cancels out
-    above = sum(d > 0 for d in diff)
-    print(f"\nadded p99 µs, medians: tokengate {med(p99['tokengate']) - med(p99['direct']):,.0f}, "
-          f"nginx {med(p99['nginx']) - med(p99['direct']):,.0f} (direct's own p99 {med(p99['direct']):,.0f})")
-    print(f"tokengate's p99 minus nginx's, paired: median {med(diff):+,.0f} µs; tokengate above in "
-          f"{above} of {rounds} rounds, below in {sum(d < 0 for d in diff)}")
+    print(f"\nadded p99 µs, medians: " + ", ".join(f"{n} {med(p99[n]) - med(p99['direct']):,.0f}"
+                                                   for n in (*builds, "nginx")) +
+          f" (direct's own p99 {med(p99['direct']):,.0f})")
+    for name in builds:
+        diff = [t - n for t, n in zip(p99[name], p99["nginx"])]  # direct's p99 cancels out
+        print(f"{name}'s p99 minus nginx's, paired: median {med(diff):+,.0f} µs; above in "
+              f"{sum(d > 0 for d in diff)} of {rounds} rounds, below in {sum(d < 0 for d in diff)}")
+    print(f"latency windows: {windows_line(WINDOWS)}")
 
 
 def report(results):
@@ -622,6 +685,7 @@ def report(results):
               f"req/s {', '.join(f'{x:.2f}' for x in r['rps'])} (median {med(r['rps']):.2f}); "
               f"added p99 minus nginx's, µs: {', '.join(f'{x:,.0f}' for x in r['added_p99'])} "
               f"(median {med(r['added_p99']):,.0f})")
+    print(f"\nMeasurement windows: {windows_line(results['windows'])}.")
     print("\nCPU time the hypervisor stole during each round's latency window, % of CPU 1 (CPU 0):\n")
     for name in ["direct", *proxies, "nginx"]:
         print(f"- {name}: " + ", ".join(f"{x['lat'][name]['steal_cpu1']:.0f} ({x['lat'][name]['steal_cpu0']:.0f})"
