@@ -38,6 +38,7 @@ ALSO_PORTS = [(18086, 18094), (18087, 18095)]  # (proxy, admin) of --also builds
 AGENT, SECRET = "benchAgent01", "bench-secret-4f9Kq2"
 JWT_KEY = "11" * 32
 SIZES = {"0b": 0, "1k": 1024, "16k": 16 * 1024, "1m": 1024 * 1024}
+FROM_MEMORY = ("0b", "1k")  # the sizes the upstream answers from its config (start_upstream)
 CONNECTIONS = 64  # closed- and open-loop client connections
 # A measurement window in which the hypervisor took more than STEAL_LIMIT % of either CPU (`steal`
 # in /proc/stat) is run again, WINDOW_TRIES times at most in all, and the least-stolen try is
@@ -138,12 +139,15 @@ def start_upstream():
     www = WORK / "www"
     www.mkdir(exist_ok=True)
     for name, size in SIZES.items():
-        (www / name).write_bytes(b"x" * size)
+        if name not in FROM_MEMORY:
+            (www / name).write_bytes(b"x" * size)
     # Its work per request is kept to the least nginx can do, because it shares CPU 0 with the load
     # generator: 0 B and 1 KiB come from memory (`return`; a config string holds at most 4 KiB),
     # 16 KiB and 1 MiB from files whose descriptors stay open. Serving each request from a file
     # cost open, fstat and close on top of the read, and left CPU 0, not the proxy on CPU 1, to
     # set the closed-loop rate of all three targets (docs/BENCHMARKS.md).
+    from_memory = "\n".join(f'        location = /{name} {{ return 200 "{"x" * SIZES[name]}"; }}'
+                            for name in FROM_MEMORY)
     conf = nginx_conf("upstream", f"""
     open_file_cache max=16 inactive=1h;
     open_file_cache_valid 1h;
@@ -153,8 +157,7 @@ def start_upstream():
         root {www};
         default_type application/octet-stream;
         if ($http_authorization !~ "^Bearer .") {{ return 401; }}
-        location = /0b {{ return 200 ""; }}
-        location = /1k {{ return 200 "{'x' * SIZES['1k']}"; }}
+{from_memory}
         location / {{ }}
     }}""")
     return Proc("upstream", pinned(0, "nginx", "-c", str(conf)), measured_child=True)
@@ -406,6 +409,8 @@ def main():
                     help="instead: only the latency windows, direct / tokengate / nginx alternated for "
                          "ROUNDS rounds at 50%% of nginx's saturation, for a verdict on added p99 with more pairs")
     args = ap.parse_args()
+    if args.tries < 1:
+        ap.error("--tries must be at least 1")
     STEAL_LIMIT, WINDOW_TRIES = args.steal_limit, args.tries
 
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
