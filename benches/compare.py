@@ -5,11 +5,14 @@ The job on both sides: accept HTTP/1.1 keep-alive, add `Authorization: Bearer ..
 a pooled keep-alive connection to the same nginx upstream, which answers only requests carrying a
 Bearer token. Each proxy runs on CPU 1; the load generators and the upstream share CPU 0.
 
-Rounds alternate direct / tokengate / nginx (forward, then backward) so that drift on this shared
-machine hits all three alike; medians of the rounds are reported, with the spread (max-min over
-median) and each round's own ratios. A window in which the hypervisor took more than --steal-limit
-% of either CPU is run again (--tries). Results go to
-target/compare/results.json and a chart to docs/bench-chart.svg; the Markdown tables are printed.
+A round measures direct / tokengate / nginx in short windows (--windows of --seconds each),
+interleaved, the order reversed from one window to the next, so that drift on this shared
+machine, which moves a proxy's cost by 20% within a minute, hits all three alike; medians of the
+rounds are reported, with the spread (max-min over median) and each round's own ratios. CPU per
+request is also measured head to head, both proxies loaded at once on the shared CPU 1. A window
+in which the hypervisor took more than --steal-limit % of either CPU is run again (--tries).
+Results go to target/compare/results.json and a chart to docs/bench-chart.svg; the Markdown
+tables are printed.
 """
 
 import argparse
@@ -359,6 +362,57 @@ def spread(xs):
     return (max(xs) - min(xs)) / m if m else 0.0
 
 
+def interleaved(names, run, windows, start=0):
+    """`run(name)` for each name in `windows` short windows, the order reversed from one window to
+    the next (and from one round, `start`, to the next), so that a drift within them favours
+    no one -> name -> [each window's result]."""
+    seen = {name: [] for name in names}
+    for w in range(windows):
+        for name in (names if (start + w) % 2 == 0 else names[::-1]):
+            seen[name].append(run(name))
+    return seen
+
+
+def pooled(windows):
+    """Equal windows of (req/s, CPU µs per request or None) -> the same over all of them."""
+    rps = statistics.mean(r for r, _ in windows)
+    if windows[0][1] is None:
+        return rps, None
+    return rps, sum(r * cpu for r, cpu in windows) / sum(r for r, _ in windows)
+
+
+def shared_cpu(a, b, ports, seconds, windows):
+    """CPU µs per request of the proxies `a` and `b` ((process, headers) each) loaded at once,
+    closed-loop on `ports`, both pinned to CPU 1, in `windows` windows (which starts first
+    alternates) -> {"ratio": median a / b, "min", "max", "rps_ratio": median}."""
+    ratios, rps = [], []
+    for w in range(windows):
+        pair = [(a, ports[0]), (b, ports[1])]
+        pair = pair if w % 2 == 0 else pair[::-1]
+
+        def both():
+            before = {id(proc): proc.cpu_seconds() for (proc, _), _ in pair}
+            runs = {id(proc): subprocess.Popen(pinned(0, "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s",
+                                                      *headers, f"http://127.0.0.1:{port}/1k"),
+                                               stdout=subprocess.PIPE, text=True)
+                    for (proc, headers), port in pair}
+            texts = {key: run.communicate()[0] for key, run in runs.items()}
+            out = {}
+            for (proc, _), port in pair:
+                text = texts[id(proc)]
+                if "Non-2xx" in text or "Socket errors" in text:
+                    raise SystemExit(f"wrk saw errors against :{port}:\n{text}")
+                n = int(re.search(r"(\d+) requests in", text).group(1))
+                out[id(proc)] = (n, (proc.cpu_seconds() - before[id(proc)]) * 1e6 / n)
+            return out
+
+        out = steady(both, seconds)[0]
+        (na, ca), (nb, cb) = out[id(a[0])], out[id(b[0])]
+        ratios.append(ca / cb)
+        rps.append(na / nb)
+    return {"ratio": med(ratios), "min": min(ratios), "max": max(ratios), "rps_ratio": med(rps)}
+
+
 def chart(results, path):
     """A two-panel SVG bar chart: saturation requests/s, and added p99 at the fixed rate."""
     names = list(results["rps"])
@@ -389,7 +443,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=8,
                     help="alternating 1 KiB rounds (more, shorter rounds ride out this machine's noise)")
-    ap.add_argument("--seconds", type=int, default=6, help="length of each measurement")
+    ap.add_argument("--seconds", type=int, default=1, help="length of each short window")
+    ap.add_argument("--windows", type=int, default=6,
+                    help="short windows per target in a round, interleaved (the order reversed from "
+                         "one window to the next); --profile, --variant and --tail measure in windows "
+                         "of --seconds x --windows instead")
     ap.add_argument("--idle", type=int, default=10_000, help="idle keep-alive connections")
     ap.add_argument("--cold", type=int, default=1_000, help="concurrent cold requests")
     ap.add_argument("--profile", action="store_true",
@@ -400,6 +458,9 @@ def main():
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL[,bin=PATH][,ENV=VALUE...]",
                     help="instead: alternate tokengate variants (2 or more) for --rounds rounds and "
                          "report each one's saturation req/s and CPU µs per request (1 KiB)")
+    ap.add_argument("--shared", action="store_true",
+                    help="with two --variant: measure them head to head instead, loaded at once on the "
+                         "shared CPU 1 (--rounds windows), for a CPU per request ratio that drift cancels out of")
     ap.add_argument("--steal-limit", type=float, default=STEAL_LIMIT, metavar="PERCENT",
                     help="run a window again if the hypervisor took more than this share of either CPU "
                          "during it (default %(default)s)")
@@ -409,8 +470,9 @@ def main():
                     help="instead: only the latency windows, direct / tokengate / nginx alternated for "
                          "ROUNDS rounds at 50%% of nginx's saturation, for a verdict on added p99 with more pairs")
     args = ap.parse_args()
-    if args.tries < 1:
-        ap.error("--tries must be at least 1")
+    if args.tries < 1 or args.windows < 1:
+        ap.error("--tries and --windows must be at least 1")
+    span = args.seconds * args.windows  # the window of the modes that measure in one piece
     STEAL_LIMIT, WINDOW_TRIES = args.steal_limit, args.tries
 
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -426,11 +488,13 @@ def main():
         wait_port(UPSTREAM)
         time.sleep(0.5)
         if args.profile:
-            return profile(procs, args.seconds)
+            return profile(procs, span)
+        if args.variant and args.shared:
+            return head_to_head(procs, args.variant, args.rounds, span, args.cold)
         if args.variant:
-            return variants(procs, args.variant, args.rounds, args.seconds)
+            return variants(procs, args.variant, args.rounds, span)
         if args.tail:
-            return tail(procs, args.tail, args.seconds, args.also)
+            return tail(procs, args.tail, span, args.also)
 
         # Exactly one exchange for a burst of concurrent cold requests.
         tg = start_tokengate()
@@ -454,35 +518,39 @@ def main():
             targets[label] = (port, port, proc, [])
         proxies = [name for name in targets if name != "direct"]
 
-        def sat(name, path, seconds, connections=CONNECTIONS):
+        seconds, windows = args.seconds, args.windows
+
+        def sat(name, path, connections=CONNECTIONS):
+            """One closed-loop window -> (req/s, CPU µs per request)."""
             port, _, proc, headers = targets[name]
             return steady(lambda: measured(proc, lambda: wrk(port, path, seconds, headers, connections)),
                           seconds)[0]
 
         def lat(name, rate):
-            """Latency at `rate`, with the share of each CPU the hypervisor stole meanwhile (%)."""
+            """Latency at `rate` in one window, with the share of each CPU the hypervisor stole
+            meanwhile (%)."""
             port, _, proc, headers = targets[name]
-            result, stolen = steady(lambda: measured(proc, lambda: oha(port, "1k", args.seconds, headers,
-                                                                        rate))[0], args.seconds)
+            result, stolen = steady(lambda: measured(proc, lambda: oha(port, "1k", seconds, headers,
+                                                                        rate))[0], seconds)
             return {**result, "steal_cpu0": stolen[0], "steal_cpu1": stolen[1]}
 
         def h2(name):
             _, port, proc, headers = targets[name]
-            return steady(lambda: measured(proc, lambda: h2load(port, "1k", args.seconds, headers)), args.seconds)[0]
+            return steady(lambda: measured(proc, lambda: h2load(port, "1k", seconds, headers)), seconds)[0]
 
         for port, _, _, headers in targets.values():  # warm up pools and caches
             wrk(port, "1k", 2, headers)
 
         rounds = []
         for r in range(args.rounds):
-            # Forward in even rounds, backward in odd ones: a drift within a round favours no one.
-            order = list(targets) if r % 2 == 0 else list(reversed(targets))
             row = {"rps": {}, "cpu_us": {}, "lat": {}}
-            for name in order:
-                row["rps"][name], row["cpu_us"][name] = sat(name, "1k", args.seconds)
+            for name, seen in interleaved(list(targets), lambda n: sat(n, "1k"), windows, r).items():
+                row["rps"][name], row["cpu_us"][name] = pooled(seen)
             row["rate"] = rate = row["rps"]["nginx"] / 2
-            for name in order:
-                row["lat"][name] = lat(name, rate)
+            for name, seen in interleaved(list(targets), lambda n: lat(n, rate), windows, r).items():
+                row["lat"][name] = {k: med([w[k] for w in seen]) for k in ("p50", "p99", "p99.9")}
+                row["lat"][name].update({k: statistics.mean(w[k] for w in seen)
+                                         for k in ("steal_cpu0", "steal_cpu1")})
             rounds.append(row)
             print(f"round {r + 1}: {json.dumps(row)}", flush=True)
 
@@ -515,15 +583,25 @@ def main():
         cases = {}
         for case, path, conns in (("0 B", "0b", CONNECTIONS), ("16 KiB", "16k", CONNECTIONS),
                                   ("1 MiB streamed", "1m", 8)):
-            cases[case] = {name: sat(name, path, args.seconds, conns) for name in main_targets}
+            seen = interleaved(main_targets, lambda n: sat(n, path, conns), windows)
+            cases[case] = {name: pooled(s) for name, s in seen.items()}
             print(f"{case}: {cases[case]}", flush=True)
-        cases["1 KiB, HTTP/2 clients (h2load)"] = {name: h2(name) for name in main_targets}
+        seen = interleaved(main_targets, h2, windows)
+        cases["1 KiB, HTTP/2 clients (h2load)"] = {name: pooled(s) for name, s in seen.items()}
+
+        # CPU per request head to head: each tokengate build and nginx loaded at once, sharing
+        # CPU 1, so that whatever the machine does in a window it does to both.
+        shared = {name: shared_cpu(targets[name][2:], targets["nginx"][2:], [targets[name][0], NGINX],
+                                   span, args.rounds)
+                  for name in proxies if name != "nginx"}
+        print(f"shared CPU: {shared}", flush=True)
 
         res["rss_mb"] = {name: proc.rss_mb() for name, (_, _, proc, _) in targets.items() if proc}
         idle = {name: idle_rss(targets[name][2], targets[name][0], args.idle)
                 for name in main_targets if targets[name][2]}
         nginx_version = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
-        results = {"rounds": rounds, "summary": res, "cases": cases, "idle_rss_mb": idle, "cold": cold,
+        results = {"rounds": rounds, "summary": res, "cases": cases, "shared": shared, "idle_rss_mb": idle,
+                   "cold": cold,
                    "windows": {**WINDOWS, "steal_limit_pct": STEAL_LIMIT},
                    "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release, "nginx": nginx_version}}
         (WORK / "results.json").write_text(json.dumps(results, indent=2))
@@ -591,14 +669,44 @@ def bench_token():
         tg.stop()
 
 
-def variants(procs, specs, rounds, seconds):
-    """A/B(/C...) of tokengate builds or settings, alternated so drift hits each alike. A variant
-    labelled `nginx` is the nginx peer proxy instead, for a side-by-side of the same rounds."""
+def parse_variants(specs):
+    """`LABEL[,bin=PATH][,ENV=VALUE...]` each -> [(label, binary, env)]."""
     parsed = []
     for spec in specs:
         label, *settings = spec.split(",")
         kv = dict(s.split("=", 1) for s in settings)
         parsed.append((label, Path(kv.pop("bin", BIN)), kv))
+    return parsed
+
+
+def head_to_head(procs, specs, windows, seconds, cold):
+    """Two variants (`nginx` for the peer proxy) loaded at once, sharing CPU 1, each tokengate
+    after a burst of `cold` concurrent cold requests, as the main run's has served: the ratio of
+    their CPU per request (shared_cpu)."""
+    if len(specs) != 2:
+        raise SystemExit("--shared takes exactly two --variant")
+    started = []
+    for i, (label, binary, env) in enumerate(parse_variants(specs)):
+        if label == "nginx":
+            proc, port = start_nginx_proxy(bench_token()), NGINX
+            wait_port(NGINX)
+        else:
+            port, admin = ALSO_PORTS[i]
+            proc = start_tokengate(binary=binary, extra_env=env, name=f"also{i}", port=port, admin=admin)
+            asyncio.run(cold_burst(port, cold))
+        procs.append(proc)
+        wrk(port, "1k", 2, [])  # warm
+        started.append((label, proc, port))
+    (a, pa, porta), (b, pb, portb) = started
+    h = shared_cpu((pa, []), (pb, []), [porta, portb], seconds, windows)
+    print(f"{a} / {b}, CPU per request head to head: {h['ratio']:.3f} (windows {h['min']:.3f} to "
+          f"{h['max']:.3f}); req/s {h['rps_ratio']:.3f}")
+
+
+def variants(procs, specs, rounds, seconds):
+    """A/B(/C...) of tokengate builds or settings, alternated so drift hits each alike. A variant
+    labelled `nginx` is the nginx peer proxy instead, for a side-by-side of the same rounds."""
+    parsed = parse_variants(specs)
     token = bench_token() if any(label == "nginx" for label, _, _ in parsed) else None
     seen = {label: {"rps": [], "cpu_us": [], "user_us": []} for label, _, _ in parsed}
     for r in range(rounds):
@@ -690,6 +798,9 @@ def report(results):
               f"req/s {', '.join(f'{x:.2f}' for x in r['rps'])} (median {med(r['rps']):.2f}); "
               f"added p99 minus nginx's, µs: {', '.join(f'{x:,.0f}' for x in r['added_p99'])} "
               f"(median {med(r['added_p99']):,.0f})")
+    print("\nCPU per request head to head (loaded at once, sharing CPU 1), against nginx: " +
+          "; ".join(f"{name} {h['ratio']:.3f} (windows {h['min']:.3f} to {h['max']:.3f}), req/s "
+                    f"{h['rps_ratio']:.3f}" for name, h in results["shared"].items()))
     print(f"\nMeasurement windows: {windows_line(results['windows'])}.")
     print("\nCPU time the hypervisor stole during each round's latency window, % of CPU 1 (CPU 0):\n")
     for name in ["direct", *proxies, "nginx"]:
@@ -715,7 +826,8 @@ def report(results):
     idle_before, idle_after = results["idle_rss_mb"]["tokengate"]
     cold = results["cold"]
     checks = [
-        ("CPU per request <= 1.0x nginx", f"{cpu_m:.2f}x of the medians, {med(t['cpu']):.2f}x paired",
+        ("CPU per request <= 1.0x nginx", f"{cpu_m:.2f}x of the medians, {med(t['cpu']):.2f}x paired "
+         f"(head to head on a shared CPU, not part of the verdict: {results['shared']['tokengate']['ratio']:.3f}x)",
          cpu_m <= 1.0 and med(t["cpu"]) <= 1.0),
         ("saturation req/s >= 1.0x nginx", f"{rps_m:.2f}x of the medians, {med(t['rps']):.2f}x paired",
          rps_m >= 1.0 and med(t["rps"]) >= 1.0),
