@@ -10,7 +10,8 @@ use tokengate::config::{Config, ConfigError, ProcessEnv, SecretSource};
 use tokengate::{Gateway, demo};
 
 /// mimalloc: fewer instructions per request than glibc's malloc, through its plain entry
-/// points where they serve (tokengate::alloc; docs/BENCHMARKS.md).
+/// points where they serve, with the small blocks a runtime thread frees kept for its next
+/// allocations (tokengate::alloc; docs/BENCHMARKS.md).
 #[global_allocator]
 static ALLOCATOR: tokengate::alloc::Allocator = tokengate::alloc::Allocator;
 
@@ -131,11 +132,17 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         _ => one_cpu,
     };
     if current {
+        // This thread runs the runtime, for as long as the process.
+        tokengate::alloc::cache_this_thread();
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
     } else {
-        tokio::runtime::Runtime::new()
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .on_thread_start(tokengate::alloc::cache_this_thread)
+            .on_thread_stop(tokengate::alloc::release_this_thread)
+            .build()
     }
 }
 
