@@ -2,7 +2,7 @@
 # The load comparison, with one command: installs what it needs (nginx, wrk, h2load, oha),
 # builds tokengate twice (the release build, and the profile-guided one of scripts/pgo-build.sh)
 # and runs benches/compare.py on the PGO build, with the plain release build measured beside it
-# in the 1 KiB rounds. Arguments go to compare.py (--rounds, --seconds, --idle, --cold,
+# in the 1 KiB rounds. Arguments go to compare.py (--rounds, --windows, --seconds, --idle, --cold,
 # --steal-limit, --tries).
 # See docs/BENCHMARKS.md. NO_PGO=1 skips the PGO build and measures the release build alone.
 set -euo pipefail
