@@ -90,7 +90,7 @@ pub fn release_this_thread() {
     }
 }
 
-/// The size class of `layout`, if its blocks are kept.
+/// The size class of a layout of `size` and `align`, if its blocks are kept.
 fn class_of(size: usize, align: usize) -> Option<usize> {
     (align <= PLAIN_ALIGN && size <= CACHED_MAX).then(|| size.saturating_sub(1) / CLASS_STEP)
 }
