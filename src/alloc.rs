@@ -61,10 +61,10 @@ thread_local! {
     };
 }
 
-/// Runs `f` on this thread's cache. `f` must not allocate (nothing here re-enters it).
+/// Runs `f` on this thread's cache. `f` must not use the Rust allocator, which would re-enter it.
 fn with_cache<R>(f: impl FnOnce(&mut Cache) -> R) -> R {
-    // SAFETY: the cell is this thread's own, and no caller's `f` allocates or calls
-    // `with_cache`, so this is the only reference to it while `f` runs.
+    // SAFETY: the cell is this thread's own, and no caller's `f` uses the Rust allocator or
+    // calls `with_cache`, so this is the only reference to it while `f` runs.
     CACHE.with(|cache| f(unsafe { &mut *cache.get() }))
 }
 
@@ -77,17 +77,17 @@ pub fn cache_this_thread() {
 
 /// Stops keeping blocks on this thread and gives back those it holds.
 pub fn release_this_thread() {
-    loop {
-        let block = with_cache(|cache| {
-            cache.on = false;
-            let class = cache.len.iter().position(|&n| n > 0)?;
-            cache.len[class] -= 1;
-            Some(cache.blocks[class][usize::from(cache.len[class])])
-        });
-        let Some(block) = block else { return };
-        // SAFETY: a kept block is a live mimalloc block that nothing else refers to.
-        unsafe { mi_free(block.cast::<c_void>()) }
-    }
+    // `mi_free` is mimalloc's own, not this allocator: it does not re-enter the cache.
+    with_cache(|cache| {
+        cache.on = false;
+        for (blocks, len) in cache.blocks.iter().zip(&mut cache.len) {
+            for &block in &blocks[..usize::from(*len)] {
+                // SAFETY: a kept block is a live mimalloc block that nothing else refers to.
+                unsafe { mi_free(block.cast::<c_void>()) }
+            }
+            *len = 0;
+        }
+    });
 }
 
 /// The size class of a layout of `size` and `align`, if its blocks are kept.
