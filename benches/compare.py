@@ -684,20 +684,34 @@ def parse_variants(specs):
     return parsed
 
 
+def start_variant(label, binary, env, token, name="tokengate", port=TOKENGATE, admin=ADMIN):
+    """One variant of parse_variants: the nginx peer proxy (with `token`) if labelled `nginx`,
+    else tokengate's `binary` with `env` on `port` -> (process, its port)."""
+    if label == "nginx":
+        proc = start_nginx_proxy(token)
+        wait_port(NGINX)
+        return proc, NGINX
+    return start_tokengate(binary=binary, extra_env=env, name=name, port=port, admin=admin), port
+
+
+def variants_token(parsed):
+    """The token nginx sends, if one of the variants is nginx."""
+    return bench_token() if any(label == "nginx" for label, _, _ in parsed) else None
+
+
 def head_to_head(procs, specs, windows, seconds, cold):
     """Two variants (`nginx` for the peer proxy) loaded at once, sharing CPU 1, each tokengate
     after a burst of `cold` concurrent cold requests, as the main run's has served: the ratio of
     their CPU per request (shared_cpu)."""
     if len(specs) != 2:
         raise SystemExit("--shared takes exactly two --variant")
+    parsed = parse_variants(specs)
+    token = variants_token(parsed)
     started = []
-    for i, (label, binary, env) in enumerate(parse_variants(specs)):
-        if label == "nginx":
-            proc, port = start_nginx_proxy(bench_token()), NGINX
-            wait_port(NGINX)
-        else:
-            port, admin = ALSO_PORTS[i]
-            proc = start_tokengate(binary=binary, extra_env=env, name=f"also{i}", port=port, admin=admin)
+    for i, (label, binary, env) in enumerate(parsed):
+        port, admin = ALSO_PORTS[i]
+        proc, port = start_variant(label, binary, env, token, name=f"also{i}", port=port, admin=admin)
+        if label != "nginx":
             asyncio.run(cold_burst(port, cold))
         procs.append(proc)
         wrk(port, "1k", 2, [])  # warm
@@ -712,15 +726,11 @@ def variants(procs, specs, rounds, seconds):
     """A/B(/C...) of tokengate builds or settings, alternated so drift hits each alike. A variant
     labelled `nginx` is the nginx peer proxy instead, for a side-by-side of the same rounds."""
     parsed = parse_variants(specs)
-    token = bench_token() if any(label == "nginx" for label, _, _ in parsed) else None
+    token = variants_token(parsed)
     seen = {label: {"rps": [], "cpu_us": [], "user_us": []} for label, _, _ in parsed}
     for r in range(rounds):
         for label, binary, env in parsed:
-            if label == "nginx":
-                proc, port = start_nginx_proxy(token), NGINX
-                wait_port(NGINX)
-            else:
-                proc, port = start_tokengate(binary=binary, extra_env=env), TOKENGATE
+            proc, port = start_variant(label, binary, env, token)
             procs.append(proc)
             wrk(port, "1k", 2, [])  # warm
             user0 = proc.user_seconds()
