@@ -128,7 +128,11 @@ def wait_port(port, timeout=20):
 
 def nginx_conf(name, body):
     conf = WORK / f"{name}.conf"
+    # Run as root, nginx's workers would drop to `nobody`, who cannot reach the upstream's files
+    # in a checkout under a private directory (`mktemp -d` makes it 0700): keep them as root.
+    user = "user root;" if os.geteuid() == 0 else ""
     conf.write_text(f"""
+{user}
 worker_processes 1;
 worker_rlimit_nofile 40000;
 daemon off;
