@@ -95,6 +95,11 @@ class Proc:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
+    def waited_seconds(self):
+        """How long its threads were runnable but waited for a CPU another task held (schedstat)."""
+        return sum(int((task / "schedstat").read_text().split()[1])
+                   for task in Path(f"/proc/{self.pid}/task").iterdir()) / 1e9
+
     def user_seconds(self):
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return int(fields[11]) / CLK_TCK
@@ -576,10 +581,16 @@ def main():
             return steady(lambda: measured(proc, lambda: wrk(port, path, seconds, headers, connections)))[0]
 
         def lat(name, rate):
-            """Latency at `rate` in one window, with the share of each CPU the hypervisor stole
-            meanwhile (%)."""
+            """Latency at `rate` in one window, with how long the proxy waited meanwhile for CPU 1
+            while another task held it (ms), and the share of each CPU the hypervisor stole (%)."""
             port, _, proc, headers = targets[name]
-            result, stolen = steady(lambda: measured(proc, lambda: oha(port, "1k", seconds, headers, rate))[0])
+
+            def window():
+                waited = proc.waited_seconds() if proc else 0.0
+                result = oha(port, "1k", seconds, headers, rate)[1]
+                return {**result, "waited_ms": (proc.waited_seconds() - waited) * 1e3 if proc else 0.0}
+
+            result, stolen = steady(window)
             return {**result, "steal_cpu0": stolen[0], "steal_cpu1": stolen[1]}
 
         def h2(name):
@@ -598,7 +609,7 @@ def main():
             for name, seen in interleaved(list(targets), lambda n: lat(n, rate), windows, r).items():
                 row["lat"][name] = {k: med([w[k] for w in seen]) for k in ("p50", "p99", "p99.9")}
                 row["lat"][name].update({k: statistics.mean(w[k] for w in seen)
-                                         for k in ("steal_cpu0", "steal_cpu1")})
+                                         for k in ("steal_cpu0", "steal_cpu1", "waited_ms")})
             rounds.append(row)
             print(f"round {r + 1}: {json.dumps(row)}", flush=True)
 
@@ -864,6 +875,10 @@ def report(results):
     for name in ["direct", *proxies, "nginx"]:
         print(f"- {name}: " + ", ".join(f"{x['lat'][name]['steal_cpu1']:.0f} ({x['lat'][name]['steal_cpu0']:.0f})"
                                          for x in results["rounds"]))
+    print("\nHow long the proxy waited on CPU 1's run queue while another task of the machine ran there, "
+          "ms per latency window (mean of each round's):\n")
+    for name in [*proxies, "nginx"]:
+        print(f"- {name}: " + ", ".join(f"{x['lat'][name]['waited_ms']:.1f}" for x in results["rounds"]))
     print("\n## Other cases (one run each): saturation req/s, proxy CPU µs/request\n")
     print("| case | direct | tokengate | nginx | req/s ratio | CPU ratio |")
     print("|---|---|---|---|---|---|")
