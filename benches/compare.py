@@ -301,6 +301,14 @@ def oha(port, path, seconds, headers, rate):
     return sum(codes.values()), ranked
 
 
+def latency(proc, port, headers, seconds, rate):
+    """One open-loop 1 KiB window (oha) -> its percentiles, and how long the proxy `proc` (None:
+    direct) waited meanwhile for CPU 1 while another task of the machine held it, in ms."""
+    waited = proc.waited_seconds() if proc else 0.0
+    result = oha(port, "1k", seconds, headers, rate)[1]
+    return {**result, "waited_ms": (proc.waited_seconds() - waited) * 1e3 if proc else 0.0}
+
+
 def h2load(port, path, seconds, headers):
     out = sh(*pinned(0, "h2load", "-D", str(seconds), "-c", "16", "-m", "16", "-t", "1", *headers,
                      f"http://127.0.0.1:{port}/{path}"))
@@ -584,13 +592,7 @@ def main():
             """Latency at `rate` in one window, with how long the proxy waited meanwhile for CPU 1
             while another task held it (ms), and the share of each CPU the hypervisor stole (%)."""
             port, _, proc, headers = targets[name]
-
-            def window():
-                waited = proc.waited_seconds() if proc else 0.0
-                result = oha(port, "1k", seconds, headers, rate)[1]
-                return {**result, "waited_ms": (proc.waited_seconds() - waited) * 1e3 if proc else 0.0}
-
-            result, stolen = steady(window)
+            result, stolen = steady(lambda: latency(proc, port, headers, seconds, rate))
             return {**result, "steal_cpu0": stolen[0], "steal_cpu1": stolen[1]}
 
         def h2(name):
@@ -814,28 +816,36 @@ def tail(procs, rounds, seconds, also=()):
     ng = start_nginx_proxy(token)
     procs.append(ng)
     wait_port(NGINX)
-    targets = {"direct": (UPSTREAM, ["-H", f"Authorization: Bearer {token}"]), "tokengate": (TOKENGATE, [])}
-    for label, (port, _) in start_also(procs, also).items():
-        targets[label] = (port, [])
-    targets["nginx"] = (NGINX, [])
+    # name -> (port, measured process or None, headers the client sends itself)
+    targets = {"direct": (UPSTREAM, None, ["-H", f"Authorization: Bearer {token}"]),
+               "tokengate": (TOKENGATE, tg, [])}
+    for label, (port, proc) in start_also(procs, also).items():
+        targets[label] = (port, proc, [])
+    targets["nginx"] = (NGINX, ng, [])
     builds = [name for name in targets if name not in ("direct", "nginx")]
-    for port, headers in targets.values():
+    proxies = [*builds, "nginx"]
+    for port, _, headers in targets.values():
         wrk(port, "1k", 2, headers)  # warm up pools and caches
     rate = med([wrk(NGINX, "1k", seconds, [])[1] for _ in range(3)]) / 2
     print(f"rate: {rate:,.0f} req/s", flush=True)
     p99 = {name: [] for name in targets}
     stolen = {name: [] for name in targets}
+    waited = {name: [] for name in targets}
     for r in range(rounds):
         for name in (list(targets) if r % 2 == 0 else list(reversed(targets))):
-            port, headers = targets[name]
-            latency, steal = steady(lambda: oha(port, "1k", seconds, headers, rate)[1])
-            p99[name].append(latency["p99"])
+            port, proc, headers = targets[name]
+            window, steal = steady(lambda: latency(proc, port, headers, seconds, rate))
+            p99[name].append(window["p99"])
             stolen[name].append(steal[1])
+            waited[name].append(window["waited_ms"])
         print(f"round {r + 1}: p99 µs " + ", ".join(f"{n} {p99[n][-1]:,.0f}" for n in targets) +
-              "; steal CPU 1 % " + ", ".join(f"{stolen[n][-1]:.0f}" for n in targets), flush=True)
+              "; steal CPU 1 % " + ", ".join(f"{stolen[n][-1]:.0f}" for n in targets) +
+              "; waited for CPU 1 ms " + ", ".join(f"{n} {waited[n][-1]:.1f}" for n in proxies), flush=True)
     print(f"\nadded p99 µs, medians: " + ", ".join(f"{n} {med(p99[n]) - med(p99['direct']):,.0f}"
-                                                   for n in (*builds, "nginx")) +
+                                                   for n in proxies) +
           f" (direct's own p99 {med(p99['direct']):,.0f})")
+    print("waited for CPU 1 while another task held it, ms per window, medians: " +
+          ", ".join(f"{n} {med(waited[n]):.1f}" for n in proxies))
     for name in builds:
         diff = [t - n for t, n in zip(p99[name], p99["nginx"])]  # direct's p99 cancels out
         print(f"{name}'s p99 minus nginx's, paired: median {med(diff):+,.0f} µs; above in "
