@@ -83,13 +83,16 @@ class Proc:
         log = open(WORK / f"{name}.log", "w")
         self.popen = subprocess.Popen(argv, stdout=log, stderr=log, env={**os.environ, **(env or {})})
         self.measured_child = measured_child
+        self._worker = None
 
     @property
     def pid(self):
         if not self.measured_child:
             return self.popen.pid
-        # nginx: the single worker, not the master.
-        return int(sh("pgrep", "-P", str(self.popen.pid)).split()[0])
+        # nginx: the single worker, not the master (looked up once; nothing here reloads nginx).
+        if self._worker is None:
+            self._worker = int(sh("pgrep", "-P", str(self.popen.pid)).split()[0])
+        return self._worker
 
     def cpu_seconds(self):
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -926,7 +929,15 @@ def report(results):
         print(f"- {'met   ' if ok else 'MISSED'} {what}: {value}")
 
 
+def exit_on_signal(signum, _frame):
+    """SIGTERM and SIGHUP end the run as Ctrl-C does: SystemExit unwinds through each mode's
+    `finally`, which stops nginx, tokengate and the sandbox, so their ports are free for the next run."""
+    sys.exit(128 + signum)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, exit_on_signal)
+    signal.signal(signal.SIGHUP, exit_on_signal)
     try:
         sys.exit(main())
     except Frozen as frozen:  # outside a measured window (a warm-up), where nothing runs it again
