@@ -19,6 +19,7 @@ tables are printed.
 import argparse
 import asyncio
 import json
+import math
 import os
 import re
 import resource
@@ -425,6 +426,27 @@ async def cold_burst(port, count):
 
 def med(xs):
     return statistics.median(xs)
+
+
+def median_interval(xs, least=0.9):
+    """A distribution-free interval for the median the rounds were drawn from: the k-th smallest
+    and k-th largest of `xs`, k as large as keeps its coverage (by the sign test's binomial) at
+    `least` or more; (low, high, coverage). With 8 rounds it is the 2nd and 7th, 93%. Too few
+    rounds for `least`: the whole range, with the coverage it has."""
+    xs, n = sorted(xs), len(xs)
+    coverage = lambda k: 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2 ** n
+    k = 1
+    while k + 1 <= n // 2 and coverage(k + 1) >= least:
+        k += 1
+    return xs[k - 1], xs[n - k], coverage(k)
+
+
+def told_apart(xs, bound, fmt, name=None):
+    """The paired median's interval, and whether it lies wholly on one side of `bound` (called
+    `name`, else as `fmt` writes it)."""
+    low, high, coverage = median_interval(xs)
+    side = ("below" if high < bound else "above" if low > bound else "not told apart from")
+    return f"{coverage:.0%} interval {fmt(low)} to {fmt(high)}: {side} {name or fmt(bound)}"
 
 
 def spread(xs):
@@ -851,7 +873,8 @@ def tail(procs, rounds, seconds, also=()):
           ", ".join(f"{n} {med(waited[n]):.1f}" for n in proxies))
     for name in builds:
         diff = [t - n for t, n in zip(p99[name], p99["nginx"])]  # direct's p99 cancels out
-        print(f"{name}'s p99 minus nginx's, paired: median {med(diff):+,.0f} µs; above in "
+        print(f"{name}'s p99 minus nginx's, paired: median {med(diff):+,.0f} µs "
+              f"({told_apart(diff, 0, lambda x: f'{x:+,.0f}', 'nginx')}); above in "
               f"{sum(d > 0 for d in diff)} of {rounds} rounds, below in {sum(d < 0 for d in diff)}")
     print(f"latency windows: {windows_line(WINDOWS)}")
 
@@ -911,13 +934,17 @@ def report(results):
     p99_m = res["added"]["tokengate"]["p99"] - res["added"]["nginx"]["p99"]
     idle_before, idle_after = results["idle_rss_mb"]["tokengate"]
     cold = results["cold"]
+    ratio, micros = (lambda x: f"{x:.2f}x"), (lambda x: f"{x:+,.0f} µs")
     checks = [
         ("CPU per request <= 1.0x nginx", f"{cpu_m:.2f}x of the medians, {med(t['cpu']):.2f}x paired "
-         f"(head to head on a shared CPU, not part of the verdict: {results['shared']['tokengate']['ratio']:.3f}x)",
+         f"({told_apart(t['cpu'], 1.0, ratio)}; head to head on a shared CPU, not part of the verdict: "
+         f"{results['shared']['tokengate']['ratio']:.3f}x)",
          cpu_m <= 1.0 and med(t["cpu"]) <= 1.0),
-        ("saturation req/s >= 1.0x nginx", f"{rps_m:.2f}x of the medians, {med(t['rps']):.2f}x paired",
+        ("saturation req/s >= 1.0x nginx", f"{rps_m:.2f}x of the medians, {med(t['rps']):.2f}x paired "
+         f"({told_apart(t['rps'], 1.0, ratio)})",
          rps_m >= 1.0 and med(t["rps"]) >= 1.0),
-        ("added p99 <= nginx's", f"{p99_m:+,.0f} µs between the medians, {med(t['added_p99']):+,.0f} µs paired",
+        ("added p99 <= nginx's", f"{p99_m:+,.0f} µs between the medians, {med(t['added_p99']):+,.0f} µs paired "
+         f"({told_apart(t['added_p99'], 0, micros, 'nginx')})",
          p99_m <= 0 and med(t["added_p99"]) <= 0),
         ("RSS growth with idle keep-alive connections <= 100 MB", f"+{idle_after - idle_before:.1f} MB",
          idle_after - idle_before <= 100),
