@@ -15,7 +15,7 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tower::{Service, ServiceExt};
@@ -48,17 +48,35 @@ pub const H2_MAX_SEND_BUF: usize = 1024 * 1024;
 pub const H2_MAX_PENDING_RESETS: usize = 20;
 /// How often an idle HTTP/2 client is pinged, and how long its answer may take.
 pub const H2_KEEPALIVE: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(10));
+/// The listen backlog: connections the kernel completes and queues before tokengate accepts
+/// them. A burst of new clients larger than this, while the accept loop is busy (or at
+/// `max_connections`), has its SYNs dropped, each retried a second later. The kernel caps it at
+/// `net.core.somaxconn` (4096 by default since Linux 5.4). tokio's own `bind` uses 128, as std
+/// does, and nginx 511.
+pub const LISTEN_BACKLOG: u32 = 4096;
 /// The pause after a failed `accept` (e.g. out of file descriptors).
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// The client preface of HTTP/2 with prior knowledge.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// A listener on `addr` with [`LISTEN_BACKLOG`] and `SO_REUSEADDR` (as tokio's `bind` sets it).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 impl Gateway {
     /// Binds the configured listeners and starts serving.
     pub async fn start(&self) -> std::io::Result<Running> {
         let config = &self.snapshot().config;
-        let proxy = TcpListener::bind(config.server.listen).await?;
-        let admin = TcpListener::bind(config.admin.listen).await?;
+        let proxy = listen(config.server.listen)?;
+        let admin = listen(config.admin.listen)?;
         self.start_on(proxy, admin)
     }
 

@@ -605,6 +605,43 @@ async fn connections_past_max_connections_wait_until_one_closes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_new_connections_waits_in_the_listen_backlog() {
+    use tokengate::server::LISTEN_BACKLOG;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // 300 handshakes queued at once: past the 128 that tokio's and std's `bind` allow, which
+    // would drop the SYNs beyond it and leave those clients retrying while the queue stays full.
+    const BURST: usize = 300;
+    let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if somaxconn <= BURST {
+        eprintln!("skipped: net.core.somaxconn is {somaxconn}, which caps every backlog");
+        return;
+    }
+    assert!(LISTEN_BACKLOG as usize > BURST);
+    let h = Harness::with_server("max_connections = 1").await;
+    // The one connection allowed is accepted and held: the proxy accepts nothing more, so every
+    // further handshake completes only in the kernel's accept queue.
+    let mut first = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
+    first
+        .write_all(b"GET /bytes/1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    assert!(
+        first.read(&mut buf).await.unwrap() > 0,
+        "the first is served"
+    );
+    let burst =
+        futures_util::future::join_all((0..BURST).map(|_| tokio::net::TcpStream::connect(h.proxy)));
+    let connected = tokio::time::timeout(Duration::from_secs(10), burst)
+        .await
+        .expect("every handshake completed in the backlog");
+    assert!(connected.iter().all(Result::is_ok));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_clients_are_told_the_stream_window_and_header_limits() {
     use tokengate::server::{H2_MAX_HEADER_LIST, H2_STREAM_WINDOW, MAX_H2_STREAMS};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
