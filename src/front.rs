@@ -11,7 +11,10 @@
 //! idles. nginx parses its requests the same way, in the task that serves the connection.
 //!
 //! Between requests a connection holds no buffer (it "hibernates"; [`crate::metrics`] counts
-//! them) and waits for its next bytes, at most `header_read_timeout` for a complete head.
+//! them) and waits for its next bytes, at most `header_read_timeout` for a complete head. One
+//! timer per connection enforces that: it is moved only when it fires early (the connection was
+//! answered since), so a busy connection does not touch it per request and an idle one is not
+//! woken until its time is up.
 //! Responses are framed as hyper frames them: the `Content-Length` they carry, or the body's
 //! exact length, or chunked; no body for `HEAD`, 1xx, 204 and 304. A response gets a `Date` if
 //! it has none, and `Connection: close` when the client asked for it or the listener stops.
@@ -49,9 +52,6 @@ use crate::server::{MAX_HEADER_BYTES, MAX_HEADERS};
 
 /// The most one read takes, and the room made in a connection's buffer for its next bytes.
 pub const READ_SIZE: usize = 8 * 1024;
-/// How often a waiting connection counts its wait against `header_read_timeout`, which it
-/// enforces up to this late.
-pub const TICK: Duration = crate::hibernate::HIBERNATE_AFTER;
 /// The most buffers gathered for one vectored write.
 pub const MAX_SLICES: usize = 16;
 /// The most response bytes gathered before they are written.
@@ -113,10 +113,8 @@ where
         buf: BytesMut::new(),
         names: Names::default(),
         gathered: Vec::new(),
-        tick: Box::pin(tokio::time::sleep(TICK)),
-        waited: Duration::ZERO,
-        served: 0,
-        seen: 0,
+        deadline: Box::pin(tokio::time::sleep(http.idle_timeout)),
+        waiting_since: Instant::now(),
         stopping: Box::pin(async move {
             let _ = stopping.wait_for(|stopped| *stopped).await;
         }),
@@ -136,7 +134,7 @@ where
                     return Ok(());
                 };
                 (conn.io, conn.buf) = (rewound.io, rewound.prefix);
-                (conn.waited, conn.seen) = (idle_since.elapsed(), conn.served);
+                conn.waiting_since = idle_since;
                 continue;
             }
         };
@@ -148,14 +146,14 @@ where
             let _ = conn.io.shutdown().await; // FIN after the answer, before the close
             return Ok(());
         }
-        conn.served += 1;
+        conn.waiting_since = Instant::now(); // the deadline catches up when it fires
     }
 }
 
 /// What ended a connection's wait.
 enum Woke {
     Read(io::Result<usize>),
-    Tick,
+    Deadline,
     Stop,
 }
 
@@ -179,21 +177,18 @@ struct Conn {
     names: Names,
     /// What the next vectored write sends.
     gathered: Vec<Bytes>,
-    /// Fires every [`TICK`] while the connection waits, to count how long it has waited for
-    /// a complete head (one timer per connection, not one per request).
-    tick: Pin<Box<Sleep>>,
-    /// How long it has waited for a complete head, as the ticks counted it.
-    waited: Duration,
-    /// Requests answered so far, and as of the last tick.
-    served: u64,
-    seen: u64,
+    /// Fires no later than `header_read_timeout` after `waiting_since`; moved to that instant
+    /// when it fires early (one timer per connection, untouched per request).
+    deadline: Pin<Box<Sleep>>,
+    /// When the wait for the next head began: the last answer, or the connection's start.
+    waiting_since: Instant,
     /// Ready once the listener stops; made once, polled by every wait.
     stopping: Pin<Box<dyn Future<Output = ()> + Send>>,
 }
 
 impl Conn {
-    /// Reads until a complete request head, waiting at most `header_read_timeout` (from the
-    /// last answer, as the ticks count it) or until the listener stops.
+    /// Reads until a complete request head, waiting at most `header_read_timeout` from the last
+    /// answer, or until the listener stops.
     async fn next_request(&mut self, http: &Http1, peer: SocketAddr) -> io::Result<Next> {
         loop {
             if !self.buf.is_empty() {
@@ -217,14 +212,14 @@ impl Conn {
             let Self {
                 io,
                 buf,
-                tick,
+                deadline,
                 stopping,
                 ..
             } = self;
             let woke = tokio::select! {
                 biased;
                 read = fill(io, buf) => Woke::Read(read),
-                () = tick.as_mut() => Woke::Tick,
+                () = deadline.as_mut() => Woke::Deadline,
                 () = stopping.as_mut() => Woke::Stop,
             };
             if hibernating {
@@ -234,18 +229,13 @@ impl Conn {
                 Woke::Read(Ok(0)) | Woke::Stop => return Ok(Next::Ended),
                 Woke::Read(Ok(_)) => {}
                 Woke::Read(Err(error)) => return Err(error),
-                Woke::Tick => {
-                    // A request answered since the last tick started this wait within it.
-                    if self.served == self.seen {
-                        self.waited += TICK;
-                    } else {
-                        (self.waited, self.seen) = (Duration::ZERO, self.served);
-                    }
-                    if self.waited >= http.idle_timeout {
+                Woke::Deadline => {
+                    let due = self.waiting_since + http.idle_timeout;
+                    if Instant::now() >= due {
                         tracing::debug!("no request head within header_read_timeout; closing");
                         return Ok(Next::Ended);
                     }
-                    self.tick.as_mut().reset(Instant::now() + TICK);
+                    self.deadline.as_mut().reset(due); // answered since it was set
                 }
             }
         }

@@ -577,6 +577,42 @@ async fn an_idle_keep_alive_connection_is_closed_at_header_read_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_keep_alive_connection_outlives_header_read_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::with_server("header_read_timeout = \"500ms\"").await;
+    let mut stream = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
+    // Requests 150 ms apart for three times the timeout: each wait is short, so the
+    // connection stays open although it is much older than header_read_timeout.
+    for i in 0..10 {
+        stream
+            .write_all(b"GET /bytes/10 HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = Vec::new();
+        let mut buf = [0u8; 4096];
+        // The whole answer: its head and the 10-byte body.
+        loop {
+            let head_end = response.windows(4).position(|w| w == b"\r\n\r\n");
+            if head_end.is_some_and(|end| response.len() >= end + 4 + 10) {
+                break;
+            }
+            let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+                .await
+                .expect("an answer")
+                .unwrap();
+            assert!(n > 0, "request {i}: the busy connection was closed");
+            response.extend_from_slice(&buf[..n]);
+        }
+        assert!(
+            String::from_utf8_lossy(&response).starts_with("HTTP/1.1 200"),
+            "request {i}"
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_eq!(h.upstream.requests(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_max_connections_wait_until_one_closes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let h = Harness::with_server("max_connections = 1").await;
