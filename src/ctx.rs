@@ -1,6 +1,6 @@
 //! What the layers of the request path tell each other about one request: one shared value,
 //! [`Ctx`], the only extension a request carries. The accept loop creates it (client address,
-//! the framing watch's verdict); the route filter records the route; bearer injection records
+//! the framing watch's verdict, the clock reading the request's layers share); the route filter records the route; bearer injection records
 //! the token it sent; the upstream layer leaves a request answered 401 for the retry layer,
 //! which marks the replay; the observing layer reads it all back for metrics and the access log
 //! once the response is out.
@@ -8,6 +8,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Instant;
 
 use http::Request;
 
@@ -25,6 +26,7 @@ pub struct Ctx(Arc<Inner>);
 #[derive(Debug)]
 struct Inner {
     peer: Option<SocketAddr>,
+    arrived: Instant,
     refusal: Option<Refusal>,
     route: OnceLock<RouteCtx>,
     token: AtomicU64,
@@ -34,10 +36,11 @@ struct Inner {
 
 impl Ctx {
     /// The context of a request from `peer` (if known), refused by the framing watch for
-    /// `refusal` (if it was).
+    /// `refusal` (if it was), arriving now.
     pub fn new(peer: Option<SocketAddr>, refusal: Option<Refusal>) -> Self {
         Self(Arc::new(Inner {
             peer,
+            arrived: Instant::now(),
             refusal,
             route: OnceLock::new(),
             token: AtomicU64::new(NO_TOKEN),
@@ -59,6 +62,12 @@ impl Ctx {
     /// The client's address.
     pub fn peer(&self) -> Option<SocketAddr> {
         self.0.peer
+    }
+
+    /// When the request arrived (its head was read): the one clock reading the layers share for
+    /// its duration and for its token's freshness.
+    pub fn arrived(&self) -> Instant {
+        self.0.arrived
     }
 
     /// Why the framing watch refused this request's head, if it did.

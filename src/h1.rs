@@ -21,6 +21,7 @@ use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
+use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
@@ -138,6 +139,8 @@ pub struct Conn {
     read_size: usize,
     /// The request head being sent, in room kept from the last one (up to [`HEAD_ROOM_KEPT`]).
     head: Vec<u8>,
+    /// When its owner last sent a request on it ([`Conn::mark_sent`]).
+    sent_at: Option<Instant>,
 }
 
 impl Conn {
@@ -149,7 +152,18 @@ impl Conn {
             buf: BytesMut::new(),
             read_size: READ_MIN,
             head: Vec::new(),
+            sent_at: None,
         })
+    }
+
+    /// Notes that a request goes out on it `at` (its owner's clock reading, kept for the owner).
+    pub fn mark_sent(&mut self, at: Instant) {
+        self.sent_at = Some(at);
+    }
+
+    /// When a request last went out on it, as [`Conn::mark_sent`] noted.
+    pub fn sent_at(&self) -> Option<Instant> {
+        self.sent_at
     }
 
     /// Whether an idle connection can carry a request: the upstream has not closed it, and

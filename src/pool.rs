@@ -6,7 +6,8 @@
 //! reads an early response while the body is still being sent.
 //!
 //! - Checkout takes the most recently used idle connection (LIFO), skipping ones the upstream
-//!   closed and ones idle longer than [`POOL_IDLE_TIMEOUT`]; without one it connects (within
+//!   closed and ones idle longer than [`POOL_IDLE_TIMEOUT`], counted from when their last
+//!   request was sent (the request's clock reading: no other); without one it connects (within
 //!   `connect_timeout`). Each return evicts the oldest idle connection if it has expired.
 //! - A connection goes back when its response has been read to the end; a response dropped
 //!   before its end closes its connection.
@@ -109,11 +110,12 @@ impl Pool {
     ) -> Result<Response<PeerBody>, PoolError> {
         let mut fresh = false;
         loop {
-            let (conn, reused) = match self.checkout(fresh, now) {
+            let (mut conn, reused) = match self.checkout(fresh, now) {
                 Some(conn) => (conn, true),
                 // Boxed: the rare connect keeps its room out of every request's future.
                 None => (Box::pin(self.connect()).await?, false),
             };
+            conn.mark_sent(now); // its idle time counts from here when it comes back
             let home = self.clone() as Arc<dyn h1::Home>;
             match h1::exchange(conn, parts, body, home).await {
                 Ok((head, body)) => return Ok(Response::from_parts(head, PeerBody::H1(body))),
@@ -174,7 +176,9 @@ impl Pool {
 
 impl h1::Home for Pool {
     fn put(&self, conn: Box<Conn>) {
-        let now = Instant::now();
+        // No clock reading of its own: the request's, from when it was sent. A connection is
+        // thereby retired early (by its last response's duration), never late.
+        let now = conn.sent_at().unwrap_or_else(Instant::now);
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         if idle.front().is_some_and(|oldest| now >= oldest.stale_at) {
             idle.pop_front();
@@ -335,6 +339,25 @@ mod tests {
         let second = send_one(&pool, request(Method::GET, b"")).await.unwrap();
         assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
         drop((first, second));
+    }
+
+    #[tokio::test]
+    async fn a_connection_idle_past_the_timeout_since_its_last_send_is_not_reused() {
+        let up = scripted((0..3).map(|_| Answer::Send(OK)).collect()).await;
+        let pool = Pool::new(up.authority.clone(), Duration::from_secs(5));
+        let (parts, _) = request(Method::GET, b"").into_parts();
+        // Sent (by its clock reading) a whole idle timeout ago: stale the moment it is back.
+        let long_ago = Instant::now() - POOL_IDLE_TIMEOUT;
+        let response = pool.send(&parts, b"", long_ago).await.unwrap();
+        assert_eq!(
+            response.into_body().collect().await.unwrap().to_bytes(),
+            "ok"
+        );
+        assert_eq!(get(&pool).await.unwrap(), "ok");
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 2, "a new connection");
+        // Sent just now, it is fresh when back, and reused.
+        assert_eq!(get(&pool).await.unwrap(), "ok");
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 2, "the same connection");
     }
 
     #[tokio::test]

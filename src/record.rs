@@ -66,7 +66,6 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let started = Instant::now();
         // Requests that did not come through the accept loop (tests) get their context here.
         let ctx = match Ctx::of(&req) {
             Some(ctx) => ctx.clone(),
@@ -101,8 +100,8 @@ where
             inner,
             span,
             metrics: self.metrics.clone(),
+            started: ctx.arrived(), // the duration counts from the head's arrival
             ctx,
-            started,
             method,
             host,
         }

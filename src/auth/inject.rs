@@ -47,21 +47,26 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let ctx = Ctx::of(&req).filter(|c| c.route().is_some_and(|r| r.inject));
-        let Some(ctx) = ctx.cloned() else {
+        let Some((ctx, route)) = Ctx::of(&req)
+            .and_then(|ctx| Some((ctx, ctx.route().filter(|r| r.inject).map(|r| &r.route)?)))
+        else {
             return Either::Left(self.inner.call(req));
         };
-        let Some(route) = ctx.route().map(|r| &r.route) else {
-            return Either::Left(self.inner.call(req));
+        // Fresh at the head's arrival (its clock reading, microseconds ago); a replay after a
+        // 401 reads the clock again, for it may come long after.
+        let now = if ctx.replayed() {
+            Instant::now()
+        } else {
+            ctx.arrived()
         };
-        if let Some((header, generation)) = route.credential.warm(Instant::now()) {
+        if let Some((header, generation)) = route.credential.warm(now) {
+            ctx.sent_with(generation);
             // Set after hop-by-hop stripping, so nothing the client sent can remove or double it.
             req.headers_mut().insert(AUTHORIZATION, header);
-            ctx.sent_with(generation);
             return Either::Left(self.inner.call(req));
         }
         // Cold (or expired): wait for the cache, which runs at most one exchange for everyone.
-        let route = route.clone();
+        let (ctx, route) = (ctx.clone(), route.clone());
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Either::Right(Box::pin(async move {
