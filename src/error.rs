@@ -196,11 +196,10 @@ impl ProxyError {
 }
 
 impl From<BoxError> for ProxyError {
-    /// Unboxes errors that passed through tower's generic layers (load shedding).
+    /// Unboxes errors that passed through tower's generic layers (the filters).
     fn from(error: BoxError) -> Self {
         match error.downcast::<ProxyError>() {
             Ok(e) => *e,
-            Err(e) if e.is::<tower::load_shed::error::Overloaded>() => Self::Overloaded,
             Err(_) => Self::Internal("unexpected error from a tower layer"),
         }
     }

@@ -14,7 +14,7 @@
 //! - [`stack`]: the request path, assembled in one place. Its layers, outside-in:
 //!   [`record`] (span, metrics, access log), [`rescue`] (errors → JSON), [`access`] (allowed
 //!   clients, shared key; a tower filter),
-//!   load shedding (tower), [`tunnel`] (CONNECT to listed targets, through [`ssrf`]),
+//!   [`shed`] (past `max_concurrent_requests` in flight, 503), [`tunnel`] (CONNECT to listed targets, through [`ssrf`]),
 //!   [`route`] (match, rewrite, hop-by-hop; a tower filter), [`body`]
 //!   (limits, replayable bodies), [`retry`] (once on 401), [`auth::inject`] (bearer),
 //!   [`upstream`] (pooled clients; [`pool`]: the one for plain-HTTP upstreams, over
@@ -59,6 +59,7 @@ pub mod retry;
 pub mod route;
 pub mod sandbox;
 pub mod server;
+pub mod shed;
 pub mod ssrf;
 pub mod stack;
 pub mod tls;

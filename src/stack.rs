@@ -6,8 +6,6 @@ use std::sync::Arc;
 use http::{Request, Response};
 use http_body::Body;
 use tower::filter::FilterLayer;
-use tower::limit::ConcurrencyLimitLayer;
-use tower::load_shed::LoadShedLayer;
 use tower::{Service, ServiceBuilder};
 
 use crate::access::AccessCheck;
@@ -20,6 +18,7 @@ use crate::record::RecordLayer;
 use crate::rescue::RescueLayer;
 use crate::retry::RetryOn401Layer;
 use crate::route::RouteMatch;
+use crate::shed::ShedLayer;
 use crate::ssrf::Resolve;
 use crate::tunnel::TunnelLayer;
 use crate::upstream::Upstream;
@@ -51,8 +50,7 @@ pub fn proxy(
         // Only allowed clients holding the shared key (if configured) get any further.
         .layer(FilterLayer::new(AccessCheck::new(live.clone())))
         // Shed load past max_concurrent_requests (503 overloaded) instead of queueing it.
-        .layer(LoadShedLayer::new())
-        .layer(ConcurrencyLimitLayer::new(server.max_concurrent_requests))
+        .layer(ShedLayer::new(server.max_concurrent_requests))
         // CONNECT to a `[forward] tunnel_allow` target: SSRF guard, dial, blind tunnel.
         .layer(TunnelLayer::new(
             live.clone(),
