@@ -5,8 +5,8 @@
 //! [`call_mut`] on its connection's own copy, without the clone.
 //!
 //! The proxy's stack is always ready at once: load shedding ([`crate::shed`]) answers 503 from
-//! `call` rather than waiting, and the rescue layer answers readiness errors (see [`crate::stack`]). A service that is not ready
-//! takes the usual way, through tower's `Oneshot`.
+//! `call` rather than waiting, and the rescue layer answers readiness errors (see
+//! [`crate::stack`]). A service that is not ready takes the usual way, through tower's `Oneshot`.
 
 use std::task::{Context, Poll, Waker};
 

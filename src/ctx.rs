@@ -1,9 +1,9 @@
 //! What the layers of the request path tell each other about one request: one shared value,
 //! [`Ctx`], the only extension a request carries. The accept loop creates it (client address,
-//! the framing watch's verdict, the clock reading the request's layers share); the route filter records the route; bearer injection records
-//! the token it sent; the upstream layer leaves a request answered 401 for the retry layer,
-//! which marks the replay; the observing layer reads it all back for metrics and the access log
-//! once the response is out.
+//! the framing watch's verdict, the clock reading the request's layers share); the route filter
+//! records the route; bearer injection records the token it sent; the upstream layer leaves a
+//! request answered 401 for the retry layer, which marks the replay; the observing layer reads
+//! it all back for metrics and the access log once the response is out.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -14,7 +14,8 @@
 //! - [`stack`]: the request path, assembled in one place. Its layers, outside-in:
 //!   [`record`] (span, metrics, access log), [`rescue`] (errors → JSON), [`access`] (allowed
 //!   clients, shared key; a tower filter),
-//!   [`shed`] (past `max_concurrent_requests` in flight, 503), [`tunnel`] (CONNECT to listed targets, through [`ssrf`]),
+//!   [`shed`] (past `max_concurrent_requests` in flight, 503), [`tunnel`] (CONNECT to listed
+//!   targets, through [`ssrf`]),
 //!   [`route`] (match, rewrite, hop-by-hop; a tower filter), [`body`]
 //!   (limits, replayable bodies), [`retry`] (once on 401), [`auth::inject`] (bearer),
 //!   [`upstream`] (pooled clients; [`pool`]: the one for plain-HTTP upstreams, over
