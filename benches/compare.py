@@ -536,6 +536,9 @@ def main():
                     help="short windows per target in a round, interleaved (the order reversed from "
                          "one window to the next); --profile, --variant and --tail measure in windows "
                          "of --seconds x --windows instead")
+    ap.add_argument("--same-processes", action="store_true",
+                    help="measure every round on the proxies' first processes (as until run 34) instead "
+                         "of new ones each round")
     ap.add_argument("--idle", type=int, default=10_000, help="idle keep-alive connections")
     ap.add_argument("--cold", type=int, default=1_000, help="concurrent cold requests")
     ap.add_argument("--profile", action="store_true",
@@ -596,15 +599,36 @@ def main():
         ng = start_nginx_proxy(token)
         procs.append(ng)
         wait_port(NGINX)
+        asyncio.run(cold_burst(NGINX, args.cold))  # what tokengate's first process has served
         # name -> (HTTP/1 port, h2c port, measured process, headers the client sends itself)
         bearer = ["-H", f"Authorization: Bearer {token}"]
         targets = {"direct": (UPSTREAM, UPSTREAM_H2, None, bearer),
                    "tokengate": (TOKENGATE, TOKENGATE, tg, []),
                    "nginx": (NGINX, NGINX_H2, ng, [])}
         main_targets = list(targets)
-        for label, (port, proc) in start_also(procs, args.also).items():  # for the 1 KiB rounds only
-            targets[label] = (port, port, proc, [])
+        # name -> how to start a new process of it, for fresh_processes()
+        starts = {"tokengate": start_tokengate,
+                  "nginx": lambda: (start_nginx_proxy(token), wait_port(NGINX))[0]}
+        for i, (label, (port, proc)) in enumerate(start_also(procs, args.also).items()):
+            targets[label] = (port, port, proc, [])  # for the 1 KiB rounds only
+            starts[label] = lambda i=i, path=args.also[i].split("=", 1)[1]: start_tokengate(
+                binary=Path(path), name=f"also{i}", port=ALSO_PORTS[i][0], admin=ALSO_PORTS[i][1])
+            asyncio.run(cold_burst(port, args.cold))
         proxies = [name for name in targets if name != "direct"]
+
+        def fresh_processes():
+            """Each proxy's process replaced by a new one, which serves the same cold burst and
+            warm-up as the first: one process carries about +-1% of CPU per request of its own
+            (its memory layout), which rounds on new processes average out (docs/BENCHMARKS.md)."""
+            for name in proxies:
+                port, h2port, old, headers = targets[name]
+                procs.remove(old)
+                old.stop()
+                new = starts[name]()
+                procs.append(new)
+                targets[name] = (port, h2port, new, headers)
+                asyncio.run(cold_burst(port, args.cold))
+                wrk(port, "1k", 2, headers)
 
         seconds, windows = args.seconds, args.windows
 
@@ -629,6 +653,8 @@ def main():
 
         rounds = []
         for r in range(args.rounds):
+            if r > 0 and not args.same_processes:
+                fresh_processes()
             row = {"rps": {}, "cpu_us": {}, "lat": {}}
             for name, seen in interleaved(list(targets), lambda n: sat(n, "1k"), windows, r).items():
                 row["rps"][name], row["cpu_us"][name] = pooled(seen)
@@ -687,7 +713,7 @@ def main():
                 for name in main_targets if targets[name][2]}
         nginx_version = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
         results = {"rounds": rounds, "summary": res, "cases": cases, "shared": shared, "idle_rss_mb": idle,
-                   "cold": cold,
+                   "cold": cold, "fresh_processes": not args.same_processes,
                    "windows": {**WINDOWS, "steal_limit_pct": STEAL_LIMIT},
                    "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release, "nginx": nginx_version}}
         (WORK / "results.json").write_text(json.dumps(results, indent=2))
@@ -906,6 +932,8 @@ def report(results):
     print("\nCPU per request head to head (loaded at once, sharing CPU 1), against nginx: " +
           "; ".join(f"{name} {h['ratio']:.3f} (windows {h['min']:.3f} to {h['max']:.3f}), req/s "
                     f"{h['rps_ratio']:.3f}" for name, h in results["shared"].items()))
+    print("\nEach round after the first on new proxy processes: "
+          f"{'yes' if results.get('fresh_processes') else 'no (--same-processes)'}.")
     print(f"\nMeasurement windows: {windows_line(results['windows'])}.")
     print("\nCPU time the hypervisor stole during each round's latency window, % of CPU 1 (CPU 0):\n")
     for name in ["direct", *proxies, "nginx"]:
