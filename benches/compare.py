@@ -7,8 +7,9 @@ Bearer token. Each proxy runs on CPU 1; the load generators and the upstream sha
 
 A round measures direct / tokengate / nginx in short windows (--windows of --seconds each),
 interleaved, the order reversed from one window to the next, so that drift on this shared
-machine, which moves a proxy's cost by 20% within a minute, hits all three alike; medians of the
-rounds are reported, with the spread (max-min over median) and each round's own ratios. CPU per
+machine, which moves a proxy's cost by 20% within a minute, hits all three alike; each round
+after the first runs on new proxy processes (fresh_processes); medians of the rounds are
+reported, with the spread (max-min over median) and each round's own ratios. CPU per
 request is also measured head to head, both proxies loaded at once on the shared CPU 1. A window
 in which the hypervisor took more than --steal-limit % of either CPU is run again (--tries). A
 latency window's first WARMUP seconds, in which oha opens its connections, are not counted.
