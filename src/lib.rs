@@ -27,7 +27,8 @@
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, the credentials API; [`metrics`]: the
 //!   Prometheus registry.
 //! - [`tls`]: outbound roots and inbound certificates; [`hop`]: hop-by-hop headers, framing;
-//!   [`framing`]: the watch on the client's bytes that finds `Content-Length` + `Transfer-Encoding`;
+//!   [`framing`]: the watch on the client's bytes that finds `Content-Length` +
+//!   `Transfer-Encoding`;
 //!   [`chunked`]: the chunked coding, followed for the watch and decoded for [`h1`];
 //!   [`observe`]: the IO wrapper it (and the tunnels' idle timeout) reads through.
 //! - [`ssrf`]: the SSRF guard (resolve, classify, dial what was checked) for egress tunnels.
