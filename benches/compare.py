@@ -7,9 +7,9 @@ Bearer token. Each proxy runs on CPU 1; the load generators and the upstream sha
 
 A round measures direct / tokengate / nginx in short windows (--windows of --seconds each),
 interleaved, the order reversed from one window to the next, so that drift on this shared
-machine, which moves a proxy's cost by 20% within a minute, hits all three alike; each round
-after the first runs on new proxy processes (fresh_processes); medians of the rounds are
-reported, with the spread (max-min over median) and each round's own ratios. CPU per
+machine, which moves a proxy's cost by 20% within a minute, hits all three alike (on one process
+of each proxy throughout; --fresh-processes starts new ones each round); medians of the rounds
+are reported, with the spread (max-min over median) and each round's own ratios. CPU per
 request is also measured head to head, both proxies loaded at once on the shared CPU 1. A window
 in which the hypervisor took more than --steal-limit % of either CPU is run again (--tries). A
 latency window's first WARMUP seconds, in which oha opens its connections, are not counted.
@@ -537,9 +537,9 @@ def main():
                     help="short windows per target in a round, interleaved (the order reversed from "
                          "one window to the next); --profile, --variant and --tail measure in windows "
                          "of --seconds x --windows instead")
-    ap.add_argument("--same-processes", action="store_true",
-                    help="measure every round on the proxies' first processes (as until run 34) instead "
-                         "of new ones each round")
+    ap.add_argument("--fresh-processes", action="store_true",
+                    help="run each round after the first on new proxy processes; they read tokengate "
+                         "young, about 2%% cheaper against nginx than after a few minutes (docs/BENCHMARKS.md)")
     ap.add_argument("--idle", type=int, default=10_000, help="idle keep-alive connections")
     ap.add_argument("--cold", type=int, default=1_000, help="concurrent cold requests")
     ap.add_argument("--profile", action="store_true",
@@ -619,8 +619,10 @@ def main():
 
         def fresh_processes():
             """Each proxy's process replaced by a new one, which serves the same cold burst and
-            warm-up as the first: one process carries about +-1% of CPU per request of its own
-            (its memory layout), which rounds on new processes average out (docs/BENCHMARKS.md)."""
+            warm-up as the first (--fresh-processes): one process carries about +-1% of CPU per
+            request of its own (its memory layout), which rounds on new processes average out, but
+            a process a minute old reads tokengate about 2% cheaper against nginx than one a few
+            minutes old, so this is not the default (docs/BENCHMARKS.md, *Runs 35-40*)."""
             for name in proxies:
                 port, h2port, old, headers = targets[name]
                 procs.remove(old)
@@ -654,7 +656,7 @@ def main():
 
         rounds = []
         for r in range(args.rounds):
-            if r > 0 and not args.same_processes:
+            if r > 0 and args.fresh_processes:
                 fresh_processes()
             row = {"rps": {}, "cpu_us": {}, "lat": {}}
             for name, seen in interleaved(list(targets), lambda n: sat(n, "1k"), windows, r).items():
@@ -714,7 +716,7 @@ def main():
                 for name in main_targets if targets[name][2]}
         nginx_version = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
         results = {"rounds": rounds, "summary": res, "cases": cases, "shared": shared, "idle_rss_mb": idle,
-                   "cold": cold, "fresh_processes": not args.same_processes,
+                   "cold": cold, "fresh_processes": args.fresh_processes,
                    "windows": {**WINDOWS, "steal_limit_pct": STEAL_LIMIT},
                    "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release, "nginx": nginx_version}}
         (WORK / "results.json").write_text(json.dumps(results, indent=2))
@@ -934,7 +936,7 @@ def report(results):
           "; ".join(f"{name} {h['ratio']:.3f} (windows {h['min']:.3f} to {h['max']:.3f}), req/s "
                     f"{h['rps_ratio']:.3f}" for name, h in results["shared"].items()))
     print("\nEach round after the first on new proxy processes: "
-          f"{'yes' if results.get('fresh_processes') else 'no (--same-processes)'}.")
+          f"{'yes (--fresh-processes)' if results.get('fresh_processes') else 'no'}.")
     print(f"\nMeasurement windows: {windows_line(results['windows'])}.")
     print("\nCPU time the hypervisor stole during each round's latency window, % of CPU 1 (CPU 0):\n")
     for name in ["direct", *proxies, "nginx"]:
