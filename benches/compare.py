@@ -238,12 +238,17 @@ def start_also(procs, specs):
     """Starts the `--also` builds (LABEL=PATH each) beside the first: label -> (port, process)."""
     started = {}
     for i, spec in enumerate(specs):
-        label, path = spec.split("=", 1)
-        port, admin = ALSO_PORTS[i]
-        proc = start_tokengate(binary=Path(path), name=f"also{i}", port=port, admin=admin)
+        label, port, proc = start_also_build(i, spec)
         procs.append(proc)
         started[label] = (port, proc)
     return started
+
+
+def start_also_build(i, spec):
+    """The `i`th `--also` build, `spec` LABEL=PATH, on its own ports -> (label, port, process)."""
+    label, path = spec.split("=", 1)
+    port, admin = ALSO_PORTS[i]
+    return label, port, start_tokengate(binary=Path(path), name=f"also{i}", port=port, admin=admin)
 
 
 def metric(name):
@@ -612,8 +617,7 @@ def main():
                   "nginx": lambda: (start_nginx_proxy(token), wait_port(NGINX))[0]}
         for i, (label, (port, proc)) in enumerate(start_also(procs, args.also).items()):
             targets[label] = (port, port, proc, [])  # for the 1 KiB rounds only
-            starts[label] = lambda i=i, path=args.also[i].split("=", 1)[1]: start_tokengate(
-                binary=Path(path), name=f"also{i}", port=ALSO_PORTS[i][0], admin=ALSO_PORTS[i][1])
+            starts[label] = lambda i=i: start_also_build(i, args.also[i])[2]
             asyncio.run(cold_burst(port, args.cold))
         proxies = [name for name in targets if name != "direct"]
 
