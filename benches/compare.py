@@ -543,8 +543,8 @@ def main():
                          "one window to the next); --profile, --variant and --tail measure in windows "
                          "of --seconds x --windows instead")
     ap.add_argument("--fresh-processes", action="store_true",
-                    help="run each round after the first on new proxy processes; they read tokengate "
-                         "young, about 2%% cheaper against nginx than after a few minutes (docs/BENCHMARKS.md)")
+                    help="run each round after the first on new proxy processes; they measure nginx "
+                         "young, about 2%% dearer than after a few minutes (docs/BENCHMARKS.md)")
     ap.add_argument("--idle", type=int, default=10_000, help="idle keep-alive connections")
     ap.add_argument("--cold", type=int, default=1_000, help="concurrent cold requests")
     ap.add_argument("--profile", action="store_true",
@@ -625,8 +625,8 @@ def main():
             """Each proxy's process replaced by a new one, which serves the same cold burst and
             warm-up as the first (--fresh-processes): one process carries about +-1% of CPU per
             request of its own (its memory layout), which rounds on new processes average out, but
-            a process a minute old reads tokengate about 2% cheaper against nginx than one a few
-            minutes old, so this is not the default (docs/BENCHMARKS.md, *Runs 35-40*)."""
+            nginx a minute old costs about 2% more per request than a few minutes on, so this is
+            not the default (docs/BENCHMARKS.md, *Runs 35-40*)."""
             for name in proxies:
                 port, h2port, old, headers = targets[name]
                 procs.remove(old)
