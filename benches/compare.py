@@ -602,9 +602,8 @@ def main():
         print(f"cold burst: {cold}", flush=True)
 
         token = read_token()
-        ng = start_nginx_proxy(token)
+        ng = start_variant("nginx", BIN, {}, token)[0]  # started and answering
         procs.append(ng)
-        wait_port(NGINX)
         asyncio.run(cold_burst(NGINX, args.cold))  # what tokengate's first process has served
         # name -> (HTTP/1 port, h2c port, measured process, headers the client sends itself)
         bearer = ["-H", f"Authorization: Bearer {token}"]
@@ -614,7 +613,7 @@ def main():
         main_targets = list(targets)
         # name -> how to start a new process of it, for fresh_processes()
         starts = {"tokengate": start_tokengate,
-                  "nginx": lambda: (start_nginx_proxy(token), wait_port(NGINX))[0]}
+                  "nginx": lambda: start_variant("nginx", BIN, {}, token)[0]}
         for i, (label, (port, proc)) in enumerate(start_also(procs, args.also).items()):
             targets[label] = (port, port, proc, [])  # for the 1 KiB rounds only
             starts[label] = lambda i=i: start_also_build(i, args.also[i])[2]
