@@ -602,7 +602,11 @@ def main():
         print(f"cold burst: {cold}", flush=True)
 
         token = read_token()
-        ng = start_variant("nginx", BIN, {}, token)[0]  # started and answering
+        # name -> how to start a process of it (answering once started), here and in
+        # fresh_processes()
+        starts = {"tokengate": start_tokengate,
+                  "nginx": lambda: start_variant("nginx", BIN, {}, token)[0]}
+        ng = starts["nginx"]()
         procs.append(ng)
         asyncio.run(cold_burst(NGINX, args.cold))  # what tokengate's first process has served
         # name -> (HTTP/1 port, h2c port, measured process, headers the client sends itself)
@@ -611,9 +615,6 @@ def main():
                    "tokengate": (TOKENGATE, TOKENGATE, tg, []),
                    "nginx": (NGINX, NGINX_H2, ng, [])}
         main_targets = list(targets)
-        # name -> how to start a new process of it, for fresh_processes()
-        starts = {"tokengate": start_tokengate,
-                  "nginx": lambda: start_variant("nginx", BIN, {}, token)[0]}
         for i, (label, (port, proc)) in enumerate(start_also(procs, args.also).items()):
             targets[label] = (port, port, proc, [])  # for the 1 KiB rounds only
             starts[label] = lambda i=i: start_also_build(i, args.also[i])[2]
