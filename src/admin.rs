@@ -1,7 +1,7 @@
-//! The admin listener: `/healthz` (process up), `/readyz` (every credential holds a usable token),
-//! `/metrics` (Prometheus),
-//! and the credentials API: `GET /admin/credentials` (state, expiry, age, last error and logUUID;
-//! never a token), `POST /admin/credentials/NAME/refresh` and `/invalidate`.
+//! The admin listener: `/healthz` (process up), `/readyz` (every credential a route uses has
+//! had its first exchange answered), `/metrics` (Prometheus), and the credentials API:
+//! `GET /admin/credentials` (state, expiry, age, last error and logUUID; never a token),
+//! `POST /admin/credentials/NAME/refresh` and `/invalidate`.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -12,10 +12,10 @@ use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
-use crate::auth::cache::TokenSource;
+use crate::auth::cache::{Readiness, TokenSource};
 use crate::body::{ClientBody, ProxyBody, ProxyResponse};
 use crate::error::{Chain, ProxyError};
-use crate::gateway::SharedLive;
+use crate::gateway::{Live, SharedLive};
 use crate::metrics::Metrics;
 
 /// The admin service over the current snapshot's credentials.
@@ -33,19 +33,20 @@ pub fn service(
     tower::service_fn(move |req: Request<ClientBody>| {
         let live = live.load_full();
         let metrics = metrics.clone();
-        async move { Ok(handle(req, &live.credentials, &metrics).await) }
+        async move { Ok(handle(req, &live, &metrics).await) }
     })
 }
 
-async fn handle(
-    req: Request<ClientBody>,
-    credentials: &BTreeMap<String, TokenSource>,
-    metrics: &Metrics,
-) -> ProxyResponse {
+/// The endpoints, for `not_found` answers.
+const ENDPOINTS: &str = "GET /healthz, GET /readyz, GET /metrics, GET /admin/credentials, \
+POST /admin/credentials/NAME/refresh, POST /admin/credentials/NAME/invalidate";
+
+async fn handle(req: Request<ClientBody>, live: &Live, metrics: &Metrics) -> ProxyResponse {
+    let credentials = &live.credentials;
     let path = req.uri().path();
     match (req.method(), path) {
         (&Method::GET, "/healthz") => json_response(StatusCode::OK, json!({ "status": "ok" })),
-        (&Method::GET, "/readyz") => readyz(credentials).await,
+        (&Method::GET, "/readyz") => readyz(live),
         (&Method::GET, "/metrics") => {
             let mut response = Response::new(ProxyBody::full(metrics.render(credentials).await));
             response.headers_mut().insert(
@@ -66,10 +67,10 @@ async fn handle(
         (&Method::POST, _) if path.starts_with("/admin/credentials/") => {
             let rest = &path["/admin/credentials/".len()..];
             let Some((name, action)) = rest.rsplit_once('/') else {
-                return not_found();
+                return not_found(path);
             };
             let Some(source) = credentials.get(name) else {
-                return not_found();
+                return no_such_credential(name, credentials);
             };
             match action {
                 "refresh" => match source.refresh().await {
@@ -86,27 +87,47 @@ async fn handle(
                     tracing::info!(credential = name, "token invalidated by the admin API");
                     json_response(StatusCode::OK, describe(source).await)
                 }
-                _ => not_found(),
+                _ => not_found(path),
             }
         }
-        _ => not_found(),
+        _ => not_found(path),
     }
 }
 
-async fn readyz(credentials: &BTreeMap<String, TokenSource>) -> ProxyResponse {
-    let mut missing = Vec::new();
-    for (name, source) in credentials {
-        if source.current().await.is_none() {
-            missing.push(name.as_str());
+/// Readiness: 503 `warming_up` until every credential a route uses has had an exchange answer
+/// since start or its last invalidation; then 200, `ready` when each holds a token, else
+/// `degraded` with each failing credential's last error. A refusal or an outage of the provider
+/// is the same for every replica, so an unready pod would only turn the proxy's explanatory
+/// `auth_rejected` / `auth_unavailable` answers into connection refusals.
+fn readyz(live: &Live) -> ProxyResponse {
+    let mut warming = Vec::new();
+    let mut failing = serde_json::Map::new();
+    for (name, source) in live.routed_credentials() {
+        match source.readiness() {
+            Readiness::Ready => {}
+            Readiness::Warming => warming.push(name.as_str()),
+            Readiness::Failing => {
+                let error = source.last_error().map(|e| Chain(&*e).to_string());
+                failing.insert(name.clone(), json!({ "last_error": error }));
+            }
         }
     }
-    if missing.is_empty() {
-        json_response(StatusCode::OK, json!({ "status": "ready" }))
-    } else {
+    if !warming.is_empty() {
         json_response(
             StatusCode::SERVICE_UNAVAILABLE,
-            json!({ "status": "not_ready", "reason": "no valid token", "credentials": missing }),
+            json!({
+                "status": "warming_up",
+                "reason": "waiting for the first token exchange",
+                "credentials": warming,
+            }),
         )
+    } else if !failing.is_empty() {
+        json_response(
+            StatusCode::OK,
+            json!({ "status": "degraded", "credentials": failing }),
+        )
+    } else {
+        json_response(StatusCode::OK, json!({ "status": "ready" }))
     }
 }
 
@@ -131,8 +152,30 @@ async fn describe(source: &TokenSource) -> serde_json::Value {
     })
 }
 
-fn not_found() -> ProxyResponse {
-    json_response(StatusCode::NOT_FOUND, json!({ "kind": "not_found" }))
+fn not_found(path: &str) -> ProxyResponse {
+    json_response(
+        StatusCode::NOT_FOUND,
+        json!({
+            "kind": "not_found",
+            "message": format!("no admin endpoint at `{path}`; the endpoints are {ENDPOINTS}"),
+        }),
+    )
+}
+
+fn no_such_credential(name: &str, credentials: &BTreeMap<String, TokenSource>) -> ProxyResponse {
+    let known: Vec<&str> = credentials.keys().map(String::as_str).collect();
+    json_response(
+        StatusCode::NOT_FOUND,
+        json!({
+            "kind": "not_found",
+            "message": format!(
+                "no credential `{name}`; configured: {}",
+                if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+            ),
+            "credential": name,
+            "known": known,
+        }),
+    )
 }
 
 fn json_response(status: StatusCode, body: serde_json::Value) -> ProxyResponse {

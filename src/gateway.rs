@@ -4,6 +4,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
@@ -30,6 +32,22 @@ pub struct Live {
     pub routes: Routes,
 }
 
+/// The longest gap between the first exchanges of two credentials at start (or when a reload
+/// adds them): with many credentials the gap shrinks so that all start within
+/// [`WARMUP_WINDOW`], and a restart does not send the provider a burst of exchanges.
+pub const WARMUP_STEP: Duration = Duration::from_millis(100);
+/// The window the first exchanges of all credentials start in, however many there are.
+pub const WARMUP_WINDOW: Duration = Duration::from_secs(2);
+
+impl Live {
+    /// The credentials some route uses, by name: the ones readiness waits for.
+    pub fn routed_credentials(&self) -> impl Iterator<Item = (&String, &TokenSource)> {
+        self.credentials
+            .iter()
+            .filter(|(name, _)| self.config.routes.iter().any(|r| &r.credential == *name))
+    }
+}
+
 /// The current [`Live`] snapshot, shared by the stack, the admin API and reloads.
 pub type SharedLive = Arc<ArcSwap<Live>>;
 
@@ -39,6 +57,8 @@ pub struct Gateway {
     file: String,
     metrics: Arc<Metrics>,
     resolver: Arc<dyn Resolve>,
+    /// Serving has started: tokens are kept warm from then on.
+    started: AtomicBool,
 }
 
 impl Gateway {
@@ -61,6 +81,7 @@ impl Gateway {
             file: file.to_owned(),
             metrics,
             resolver: Arc::new(SystemResolver),
+            started: AtomicBool::new(false),
         })
     }
 
@@ -97,7 +118,11 @@ impl Gateway {
             .collect();
         let (routes, credentials) = (new.routes.iter().count(), new.credentials.len());
         // Swap first, then say so: whoever reads the log line finds the new configuration.
-        self.live.store(Arc::new(new));
+        let new = Arc::new(new);
+        self.live.store(new.clone());
+        if self.started.load(Ordering::Relaxed) {
+            keep_warm(&new);
+        }
         tracing::info!(
             file = %self.file,
             routes,
@@ -111,6 +136,14 @@ impl Gateway {
     /// Reads `path` and reloads from it; see [`Gateway::reload`].
     pub fn reload_from(&self, path: &Path, env: &dyn SecretEnv) -> Result<(), ConfigError> {
         self.reload(Config::load(path)?, env)
+    }
+
+    /// Starts fetching and keeping the tokens of the credentials routes use, without waiting
+    /// for traffic; reloads do the same for the credentials they add. Called when serving
+    /// starts.
+    pub fn keep_tokens_warm(&self) {
+        self.started.store(true, Ordering::Relaxed);
+        keep_warm(&self.live.load());
     }
 
     /// The current snapshot.
@@ -143,6 +176,22 @@ impl std::fmt::Debug for Gateway {
             .field("credentials", &live.credentials)
             .field("routes", &live.routes)
             .finish()
+    }
+}
+
+/// Starts the keepers of `live`'s routed credentials, spread over [`WARMUP_WINDOW`] (a keeper
+/// already running keeps its pace), and lets the others' keepers end with their token.
+fn keep_warm(live: &Live) {
+    let routed = live.routed_credentials().count().max(1);
+    let step = WARMUP_STEP.min(WARMUP_WINDOW / u32::try_from(routed).unwrap_or(u32::MAX));
+    let mut delay = Duration::ZERO;
+    for (name, source) in &live.credentials {
+        if live.config.routes.iter().any(|r| &r.credential == name) {
+            source.keep_warm(delay);
+            delay += step;
+        } else {
+            source.stop_keeping_warm();
+        }
     }
 }
 

@@ -124,6 +124,7 @@ impl Gateway {
         let http = Arc::new(Http::new(server, Gauge::default()));
         tasks.spawn(serve(admin, service, http, stopped, limits));
         tracing::info!(%proxy_addr, %admin_addr, routes = snapshot.config.routes.len(), "tokengate serving");
+        self.keep_tokens_warm();
         Ok(Running {
             proxy_addr,
             admin_addr,

@@ -130,6 +130,7 @@ async fn token_runs_one_exchange_and_shows_the_token_only_when_asked() {
 struct Run {
     child: tokio::process::Child,
     proxy: String,
+    admin: String,
     logs: tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
     path: std::path::PathBuf,
     sandbox: Sandbox,
@@ -159,13 +160,18 @@ impl Run {
                 let _ = tx.send(serde_json::from_str(&line).unwrap());
             }
         });
-        let proxy = Self::wait_for(&mut logs, |e| {
-            e["fields"]["proxy_addr"].as_str().map(str::to_owned)
+        let (proxy, admin) = Self::wait_for(&mut logs, |e| {
+            let fields = &e["fields"];
+            Some((
+                fields["proxy_addr"].as_str()?.to_owned(),
+                fields["admin_addr"].as_str()?.to_owned(),
+            ))
         })
         .await;
         Self {
             child,
             proxy,
+            admin,
             logs,
             path,
             sandbox,
@@ -206,6 +212,37 @@ impl Run {
         let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
         let url = format!("http://{}{path}", self.proxy).parse().unwrap();
         client.get(url).await.unwrap().status().as_u16()
+    }
+
+    /// An admin request: its status and JSON body.
+    async fn admin(&self, method: &str, path: &str) -> (u16, serde_json::Value) {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+        let request = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.admin))
+            .body(Empty::new())
+            .unwrap();
+        let response = client.request(request).await.unwrap();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    /// Polls `/readyz` until it answers 200; returns its body.
+    async fn ready(&self) -> serde_json::Value {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let (status, body) = self.admin("GET", "/readyz").await;
+                if status == 200 {
+                    return body;
+                }
+                assert_eq!(status, 503, "{body}");
+                assert_eq!(body["status"], "warming_up", "{body}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("/readyz turns 200")
     }
 
     fn signal(&self, name: &str) {
@@ -259,6 +296,36 @@ async fn run_serves_and_sigterm_lets_the_request_in_flight_finish_then_exits_0()
         .expect("run exits after SIGTERM")
         .unwrap();
     assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_becomes_ready_without_traffic_and_again_after_an_invalidate() {
+    let run = Run::start().await;
+    let body = run.ready().await;
+    assert_eq!(body["status"], "ready", "{body}");
+    assert_eq!(run.sandbox.auth.issued(), 1, "the start-up exchange");
+
+    let (status, _) = run
+        .admin("POST", "/admin/credentials/partner/invalidate")
+        .await;
+    assert_eq!(status, 200);
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while run.sandbox.auth.issued() < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("a new exchange right after the invalidation");
+    let body = run.ready().await;
+    assert_eq!(body["status"], "ready", "{body}");
+    let (_, credentials) = run.admin("GET", "/admin/credentials").await;
+    assert_eq!(credentials["partner"]["state"], "valid", "{credentials}");
+    assert_eq!(run.sandbox.auth.issued(), 2);
+    assert_eq!(
+        run.sandbox.upstream.requests(),
+        0,
+        "no client traffic at all"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,7 +17,14 @@ use tokengate::sandbox::upstream::pattern;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_cache_200_concurrent_requests_make_exactly_one_exchange() {
-    let h = Harness::start().await;
+    // The requests start with the gateway, while its start-up exchange is still on its way (the
+    // auth server takes 300 ms): they and the keeper share that one exchange.
+    let h = Harness::with(Setup {
+        wait_warm: false,
+        auth_fault: Fault::Delay(Duration::from_millis(300)),
+        ..Setup::default()
+    })
+    .await;
     let client = client();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..200 {
@@ -417,17 +424,17 @@ async fn auth_code_10_gives_502_auth_rejected_with_code_and_log_uuid() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn code_83_is_retried_once_with_a_fresh_nonce_then_reported() {
     let h = Harness::start().await;
-    h.auth.set_fault(Fault::Code(83));
+    h.fail_auth(Fault::Code(83)).await;
     let (status, _, body) = send(&client(), get(&h.url("/x"))).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert_eq!(json(&body)["auth_code"], 83);
-    assert_eq!(h.auth.requests(), 2, "one retry at once, then permanent");
+    assert_eq!(h.new_exchanges(), 2, "one retry at once, then permanent");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_garbage_and_unreachable_give_503_with_retry_after() {
     let h = Harness::start().await;
-    h.auth.set_fault(Fault::Garbage);
+    h.fail_auth(Fault::Garbage).await;
     let (status, headers, body) = send(&client(), get(&h.url("/x"))).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(headers["x-tokengate-error"], "auth_unavailable");
@@ -439,6 +446,7 @@ async fn auth_garbage_and_unreachable_give_503_with_retry_after() {
 
     let mut h = Harness::start().await;
     h.stop_auth().await;
+    h.refetch().await;
     let (status, headers, body) = send(&client(), get(&h.url("/x"))).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(headers["x-tokengate-error"], "auth_unavailable");
@@ -450,7 +458,7 @@ async fn auth_garbage_and_unreachable_give_503_with_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storm_of_code_10_answers_is_backed_off_40_requests_at_most_5_exchanges() {
     let h = Harness::start().await;
-    h.auth.set_fault(Fault::Code(10));
+    h.fail_auth(Fault::Code(10)).await;
     let client = client();
     for i in 0..40 {
         let (status, headers, body) = send(&client, get(&h.url(&format!("/storm/{i}")))).await;
@@ -464,7 +472,7 @@ async fn a_storm_of_code_10_answers_is_backed_off_40_requests_at_most_5_exchange
         assert!((1..=30).contains(&retry_after), "{retry_after}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let exchanges = h.auth.requests();
+    let exchanges = h.new_exchanges();
     assert!(
         (1..=5).contains(&exchanges),
         "{exchanges} exchanges for 40 requests"
@@ -473,16 +481,29 @@ async fn a_storm_of_code_10_answers_is_backed_off_40_requests_at_most_5_exchange
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_one_garbage_answer_the_first_request_5s_later_succeeds() {
+async fn after_one_garbage_answer_the_token_comes_back_without_traffic() {
     let h = Harness::start().await;
-    h.auth.set_fault(Fault::Garbage);
+    h.fail_auth(Fault::Garbage).await;
     let (status, _, _) = send(&client(), get(&h.url("/x"))).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     h.auth.set_fault(Fault::None);
-    tokio::time::sleep(Duration::from_millis(5100)).await;
+    // The keeper tries again once the backoff has passed; no request asks it to.
+    let upstream_before = h.upstream.requests();
+    let (_, ready) = h.readyz_until(|_, body| body["status"] == "ready").await;
+    assert_eq!(ready["status"], "ready");
+    assert_eq!(
+        h.new_exchanges(),
+        2,
+        "the failed one and the keeper's retry"
+    );
+    assert_eq!(
+        h.upstream.requests(),
+        upstream_before,
+        "no traffic meanwhile"
+    );
     let (status, _, body) = send(&client(), get(&h.url("/x"))).await;
     assert_eq!(status, StatusCode::OK, "{body:?}");
-    assert_eq!(h.auth.requests(), 2);
+    assert_eq!(h.new_exchanges(), 2);
     assert!(!h.gateway.credential("partner").unwrap().backing_off());
 }
 
@@ -494,7 +515,7 @@ async fn a_slow_auth_server_gives_503_at_the_exchange_timeout() {
     })
     .await;
     // Answered normally, but only after the timeout: without it the client would get 200.
-    h.auth.set_fault(Fault::Delay(Duration::from_secs(2)));
+    h.fail_auth(Fault::Delay(Duration::from_secs(2))).await;
     let (status, headers, body) = send(&client(), get(&h.url("/x"))).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body:?}");
     assert_eq!(headers["x-tokengate-error"], "auth_unavailable");
@@ -742,7 +763,7 @@ async fn a_slowloris_client_is_disconnected_at_header_read_timeout() {
         .ok();
     assert!(!String::from_utf8_lossy(&rest).contains("200 OK"));
     assert_eq!(h.upstream.requests(), 0);
-    assert_eq!(h.auth.requests(), 0);
+    assert_eq!(h.new_exchanges(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -760,7 +781,7 @@ async fn bodies_over_max_request_body_get_413_declared_ones_before_any_exchange(
     assert_eq!(status, 413, "{head}");
     assert!(head.contains("x-tokengate-error: body_too_large"), "{head}");
     assert_eq!(
-        h.auth.requests(),
+        h.new_exchanges(),
         0,
         "no exchange for a body refused up front"
     );
@@ -946,7 +967,7 @@ async fn only_allowed_clients_holding_the_shared_key_get_through() {
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert_eq!(headers["x-tokengate-error"], "forbidden");
     assert_eq!(
-        (outsider.auth.requests(), outsider.upstream.requests()),
+        (outsider.new_exchanges(), outsider.upstream.requests()),
         (0, 0)
     );
 
@@ -970,7 +991,7 @@ require_header = { name = "x-tokengate-key", value = { env = "CLIENT_KEY" } }
     assert_eq!(status, StatusCode::FORBIDDEN);
     let (status, _, _) = send(&client(), with_key("client-key-7Hq")).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    assert_eq!(h.auth.requests(), 0, "refused before any exchange");
+    assert_eq!(h.new_exchanges(), 0, "refused before any exchange");
     let (status, _, echo) = send(&client(), with_key("client-key-7Hq2")).await;
     assert_eq!(status, StatusCode::OK);
     assert!(
@@ -1041,7 +1062,7 @@ async fn reload_swaps_routes_atomically_keeps_unchanged_tokens_and_refuses_bad_c
         "the previous configuration still serves"
     );
 
-    // A changed credential gets a new token source: the next request exchanges again.
+    // A changed credential gets a new token source, which exchanges again.
     let changed = added.replace("agent_id =", "refresh_before = \"1m\"\nagent_id =");
     h.gateway
         .reload(Config::parse(&changed, "test.toml").unwrap(), &h.env)
@@ -1173,7 +1194,7 @@ client_authorization = "reject"
         1,
         "no replay when our token was not used"
     );
-    assert_eq!(h.auth.requests(), 0, "no exchange when nothing is injected");
+    assert_eq!(h.new_exchanges(), 0, "no exchange when nothing is injected");
     let (status, _, _) = send(&client, get(&h.url("/keep/x"))).await;
     assert_eq!(
         status,
@@ -1271,7 +1292,7 @@ async fn http2_clients_are_served() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unreachable_upstream_gives_502_and_readyz_follows_the_token() {
+async fn unreachable_upstream_gives_502() {
     let h = Harness::with(Setup {
         routes_before: r#"
 [[routes]]
@@ -1284,18 +1305,69 @@ credential = "partner"
     })
     .await;
     let client = client();
-    let (status, _, _) = send(&client, get(&format!("http://{}/readyz", h.admin))).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "no token yet");
-    let (status, _, _) = send(&client, get(&format!("http://{}/healthz", h.admin))).await;
-    assert_eq!(status, StatusCode::OK);
-
     let (status, headers, body) = send(&client, get(&h.url("/dead/x"))).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert_eq!(headers["x-tokengate-error"], "upstream_unreachable");
     assert_eq!(json(&body)["kind"], "upstream_unreachable");
+}
 
-    let (status, _, _) = send(&client, get(&format!("http://{}/readyz", h.admin))).await;
-    assert_eq!(status, StatusCode::OK, "a token is held now");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_waits_for_the_first_exchange_only_of_routed_credentials_never_for_traffic() {
+    // The auth server holds its answers past the exchange's 2 s timeout, and `spare`, which no
+    // route uses, points at a port where nothing listens.
+    let h = Harness::with(Setup {
+        wait_warm: false,
+        auth_fault: Fault::Delay(Duration::from_secs(60)),
+        credential_extra: "timeout = \"2s\"".into(),
+        routes_before: r#"
+[credentials.spare]
+auth_url = "http://127.0.0.1:9/v2/auth"
+agent_id = "spare01"
+secret = { env = "PARTNER_SECRET" }
+"#
+        .into(),
+        ..Setup::default()
+    })
+    .await;
+    let client = client();
+    let admin = |path: &str| format!("http://{}{path}", h.admin);
+    let (status, _, _) = send(&client, get(&admin("/healthz"))).await;
+    assert_eq!(status, StatusCode::OK, "alive at once");
+    let (status, _, body) = send(&client, get(&admin("/readyz"))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body:?}");
+    let body = json(&body);
+    assert_eq!(body["status"], "warming_up");
+    assert_eq!(
+        body["credentials"],
+        serde_json::json!(["partner"]),
+        "{body}"
+    );
+
+    // The provider does not answer in time: the pod becomes ready, degraded, and says why, so
+    // that clients get tokengate's 503 auth_unavailable rather than a refused connection.
+    let (status, body) = h
+        .readyz_until(|s, _| s != StatusCode::SERVICE_UNAVAILABLE)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["status"], "degraded", "{body}");
+    let error = body["credentials"]["partner"]["last_error"]
+        .as_str()
+        .unwrap();
+    assert!(error.contains("timed out"), "{body}");
+    assert!(body["credentials"].get("spare").is_none(), "{body}");
+
+    // The provider recovers: the keeper's retry gets a token, with no request asking for it.
+    h.auth.set_fault(Fault::None);
+    let (status, body) = h.readyz_until(|_, b| b["status"] == "ready").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(h.upstream.requests(), 0, "no traffic at all");
+    assert!(h.auth.issued() >= 1);
+    let (_, _, body) = send(&client, get(&admin("/admin/credentials"))).await;
+    assert_eq!(
+        json(&body)["spare"]["exchanges"],
+        0,
+        "an unused credential is never fetched"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1387,7 +1459,7 @@ async fn connect_and_trace_get_405_and_redirects_are_passed_through() {
     let (status, _, _) = send(&client(), req).await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(h.upstream.requests(), 0);
-    assert_eq!(h.auth.requests(), 0);
+    assert_eq!(h.new_exchanges(), 0);
 
     let (status, headers, _) = send(&client(), get(&h.url("/redirect"))).await;
     assert_eq!(status, StatusCode::FOUND, "never followed");
@@ -1402,48 +1474,50 @@ async fn admin_credentials_api_shows_state_and_refreshes_and_invalidates_without
     let admin = |path: &str| format!("http://{}{path}", h.admin);
     let post = |path: &str| Request::post(admin(path)).body(full(Bytes::new())).unwrap();
 
+    // The start-up exchange made the token before any request.
     let (status, _, body) = send(&client, get(&admin("/admin/credentials"))).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(json(&body)["partner"]["state"], "no_token");
-    assert_eq!(
-        send(&client, get(&admin("/readyz"))).await.0,
-        StatusCode::SERVICE_UNAVAILABLE
-    );
+    assert_eq!(json(&body)["partner"]["state"], "valid");
+    assert_eq!(json(&body)["partner"]["exchanges"], 1);
+    let (status, _, body) = send(&client, get(&admin("/readyz"))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json(&body)["status"], "ready");
 
     let (status, _, body) = send(&client, post("/admin/credentials/partner/refresh")).await;
     assert_eq!(status, StatusCode::OK);
     let state = json(&body);
     assert_eq!(state["state"], "valid");
-    assert_eq!(state["exchanges"], 1);
+    assert_eq!(state["exchanges"], 2);
     assert_eq!(state["last_log_uuid"].as_str().unwrap().len(), 36);
     assert!(
         !String::from_utf8_lossy(&body).contains("eyJ"),
         "never a token: {state}"
     );
-    assert_eq!(
-        send(&client, get(&admin("/readyz"))).await.0,
-        StatusCode::OK
-    );
     assert_eq!(send(&client, get(&h.url("/x"))).await.0, StatusCode::OK);
     assert_eq!(
-        h.auth.requests(),
+        h.new_exchanges(),
         1,
         "the refreshed token served the request"
     );
 
-    let (status, _, body) = send(&client, post("/admin/credentials/partner/invalidate")).await;
+    // An invalidated token is fetched again at once, without waiting for a request.
+    let (status, _, _) = send(&client, post("/admin/credentials/partner/invalidate")).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(json(&body)["state"], "no_token");
+    let upstream_before = h.upstream.requests();
+    h.readyz_until(|s, b| s == StatusCode::OK && b["status"] == "ready")
+        .await;
     assert_eq!(
-        send(&client, get(&admin("/readyz"))).await.0,
-        StatusCode::SERVICE_UNAVAILABLE
+        h.new_exchanges(),
+        2,
+        "one new exchange after the invalidation"
+    );
+    assert_eq!(
+        h.upstream.requests(),
+        upstream_before,
+        "no traffic meanwhile"
     );
     assert_eq!(send(&client, get(&h.url("/y"))).await.0, StatusCode::OK);
-    assert_eq!(
-        h.auth.requests(),
-        2,
-        "invalidated: the next request exchanged again"
-    );
+    assert_eq!(h.new_exchanges(), 2);
 
     // A refused refresh is reported like any auth error, and the state shows it.
     h.auth.set_fault(Fault::Code(10));
@@ -1458,8 +1532,19 @@ async fn admin_credentials_api_shows_state_and_refreshes_and_invalidates_without
         "{state}"
     );
 
-    let (status, _, _) = send(&client, post("/admin/credentials/nope/refresh")).await;
+    // Unknown names and paths say what exists.
+    let (status, _, body) = send(&client, post("/admin/credentials/nope/refresh")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    let body = json(&body);
+    assert_eq!(body["kind"], "not_found");
+    assert_eq!(body["credential"], "nope");
+    assert_eq!(body["known"], serde_json::json!(["partner"]));
+    assert_eq!(body["message"], "no credential `nope`; configured: partner");
+    let (status, _, body) = send(&client, get(&admin("/admin/nothing"))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let message = json(&body)["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("`/admin/nothing`"), "{message}");
+    assert!(message.contains("GET /readyz"), "{message}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1543,8 +1628,7 @@ async fn metrics_count_requests_retries_exchanges_and_token_state() {
     assert!(!text.contains("eyJ"), "never a token in metrics");
 
     // A refused exchange: counted as rejected, the backoff shows, and no token is held.
-    h.gateway.credential("partner").unwrap().invalidate().await;
-    h.auth.set_fault(Fault::Code(10));
+    h.fail_auth(Fault::Code(10)).await;
     assert_eq!(
         send(&client, get(&h.url("/refused"))).await.0,
         StatusCode::BAD_GATEWAY
@@ -1557,13 +1641,12 @@ async fn metrics_count_requests_retries_exchanges_and_token_state() {
         ),
         1.0
     );
-    assert_eq!(
-        value(
-            &text,
-            r#"tokengate_token_exchanges_total{credential="partner",outcome="rejected"}"#
-        ),
-        1.0
+    // The keeper may have tried once more since, if the backoff ran out.
+    let rejected = value(
+        &text,
+        r#"tokengate_token_exchanges_total{credential="partner",outcome="rejected"}"#,
     );
+    assert!((1.0..=2.0).contains(&rejected), "{rejected}");
     assert_eq!(
         value(
             &text,
@@ -1807,7 +1890,7 @@ async fn connect_tunnels_only_to_listed_targets_whose_addresses_pass_the_ssrf_gu
         payload.len(),
         "nothing else was dialled"
     );
-    assert_eq!(h.auth.requests(), 0, "tunnels need no token");
+    assert_eq!(h.new_exchanges(), 0, "tunnels need no token");
     drop(tunnel);
 }
 
@@ -1860,7 +1943,7 @@ async fn curl_through_a_tunnel_reaches_the_upstream_without_a_token() {
     let out = curl(target).await;
     assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
     assert_eq!(h.upstream.unauthorized(), 1);
-    assert_eq!(h.auth.requests(), 0);
+    assert_eq!(h.new_exchanges(), 0);
 }
 
 /// Reads one HTTP/1.1 response with a `Content-Length` body from `stream`; returns the status

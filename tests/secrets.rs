@@ -107,11 +107,12 @@ async fn secrets_and_tokens_never_reach_logs_error_bodies_or_debug() {
         outputs.push(format!("{headers:?} {}", String::from_utf8_lossy(&body)));
     }
     assert_eq!(hmac.auth.codes(), vec![83, 83]);
-    faulty.auth.set_fault(Fault::Garbage);
+    faulty.fail_auth(Fault::Garbage).await;
     let (status, _, body) = send(&client, get(&faulty.url("/x"))).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     outputs.push(String::from_utf8_lossy(&body).into());
     faulty.stop_auth().await;
+    faulty.refetch().await;
     let (status, _, body) = send(&client, get(&faulty.url("/x"))).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     outputs.push(String::from_utf8_lossy(&body).into());

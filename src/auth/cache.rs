@@ -1,12 +1,17 @@
 //! The token cache: one moka entry per credential, cold misses coalesced into one exchange,
 //! background renewal ahead of expiry, and invalidation only of the token a 401 was answered for.
 //!
+//! One background task per credential, its keeper ([`TokenSource::keep_warm`]), renews the
+//! token ahead of expiry. For a credential a route uses it also fetches the first token without
+//! waiting for traffic, fetches again at once after an invalidation, and keeps retrying under the
+//! backoff through an outage, so readiness never waits on a request that cannot arrive.
+//!
 //! In front of moka sits a lock-free snapshot of the current token ([`TokenSource::warm`]): the
 //! request path reads it with one atomic load, where a moka `get` costs about 30 times that
 //! (`docs/BENCHMARKS.md`). moka stays the one place tokens are made: every insert into it also
 //! sets the snapshot, and every removal clears it (a 401's only if it names the same token).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use arc_swap::ArcSwapOption;
 use http::HeaderValue;
@@ -16,6 +21,7 @@ use std::time::{Duration, Instant};
 use moka::Expiry;
 use moka::future::Cache;
 use moka::ops::compute::Op;
+use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
 use super::backoff::{Backoff, NoToken};
@@ -25,6 +31,20 @@ use crate::metrics::Metrics;
 
 /// The largest share of the renewal lead added as random jitter, so fleets do not renew in step.
 pub const RENEW_JITTER_FRACTION: f64 = 0.1;
+
+/// The shortest pause of a keeper between two attempts to fetch a missing token.
+const KEEPER_MIN_PAUSE: Duration = Duration::from_millis(100);
+
+/// A credential as readiness sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// It holds a usable token.
+    Ready,
+    /// No exchange has answered yet since start or since the last invalidation.
+    Warming,
+    /// It holds no token and its last exchange failed; the keeper retries under the backoff.
+    Failing,
+}
 
 /// The token source of one credential. Cheap to clone; clones share the cache.
 #[derive(Clone)]
@@ -39,7 +59,14 @@ struct Inner {
     cache: Cache<(), Arc<Token>>,
     /// The token moka holds, for reading without moka.
     current: ArcSwapOption<Token>,
-    renewer: Mutex<Option<AbortHandle>>,
+    /// The keeper task, if one was started.
+    keeper: Mutex<Option<AbortHandle>>,
+    /// Tells the keeper the token was replaced or dropped, so it plans again.
+    wake: Arc<Notify>,
+    /// A route uses this credential: its keeper fetches without traffic and never gives up.
+    kept_warm: AtomicBool,
+    /// An exchange has answered (either way) since the keeper started or the last invalidation.
+    settled: AtomicBool,
     backoff: Backoff,
     exchanges: AtomicU64,
     last_log_uuid: Mutex<Option<String>>,
@@ -86,7 +113,10 @@ impl TokenSource {
                     .expire_after(UntilUnusable)
                     .build(),
                 current: ArcSwapOption::empty(),
-                renewer: Mutex::new(None),
+                keeper: Mutex::new(None),
+                wake: Arc::new(Notify::new()),
+                kept_warm: AtomicBool::new(false),
+                settled: AtomicBool::new(false),
                 backoff: Backoff::new(max_backoff),
                 exchanges: AtomicU64::new(0),
                 last_log_uuid: Mutex::new(None),
@@ -118,11 +148,11 @@ impl TokenSource {
             .cache
             .try_get_with((), async {
                 let token = Arc::new(inner.exchange().await?);
-                inner.schedule_renewal(&token);
                 inner.current.store(Some(token.clone()));
                 Ok::<_, Arc<AuthError>>(token)
             })
             .await
+            .inspect(|_| self.ensure_keeper(Duration::ZERO))
             .map_err(|error: Arc<Arc<AuthError>>| NoToken {
                 retry_after: match inner.backoff.check(Instant::now()) {
                     Err(b) => b.retry_after,
@@ -174,6 +204,7 @@ impl TokenSource {
             Some(t) if t.generation() == generation => None,
             other => other.clone(),
         });
+        self.inner.wake.notify_one();
         tracing::debug!(credential = %self.inner.name, generation, ?result, "invalidate if current");
     }
 
@@ -207,26 +238,64 @@ impl TokenSource {
     /// is replaced at once.
     pub async fn refresh(&self) -> Result<Arc<Token>, Arc<AuthError>> {
         let token = Arc::new(self.inner.exchange().await?);
-        self.inner.cache.insert((), token.clone()).await;
-        self.inner.current.store(Some(token.clone()));
-        self.inner.schedule_renewal(&token);
+        self.inner.install(token.clone()).await;
+        self.ensure_keeper(Duration::ZERO);
         Ok(token)
     }
 
-    /// Drops the current token, whatever its generation (admin `invalidate`); the next request
-    /// runs a cold exchange.
+    /// Drops the current token, whatever its generation (admin `invalidate`). A credential a
+    /// route uses fetches a new one at once; others wait for the next request.
     pub async fn invalidate(&self) {
+        self.inner.settled.store(false, Ordering::Relaxed);
         self.inner.cache.invalidate(&()).await;
         self.inner.current.store(None);
-        if let Some(task) = self
+        self.inner.wake.notify_one();
+    }
+
+    /// Marks this credential as one a route uses, and starts its keeper after `delay` if it
+    /// has none: the token is fetched without waiting for traffic, fetched again right after
+    /// an invalidation, and retried under the backoff until one is obtained.
+    pub fn keep_warm(&self, delay: Duration) {
+        self.inner.kept_warm.store(true, Ordering::Relaxed);
+        self.ensure_keeper(delay);
+    }
+
+    /// Marks this credential as one no route uses any more: its keeper still renews a token
+    /// it holds, but stops once the token lapses.
+    pub fn stop_keeping_warm(&self) {
+        self.inner.kept_warm.store(false, Ordering::Relaxed);
+    }
+
+    /// What readiness sees of this credential now.
+    pub fn readiness(&self) -> Readiness {
+        let now = Instant::now();
+        let usable = self
             .inner
-            .renewer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            task.abort();
+            .current
+            .load()
+            .as_ref()
+            .is_some_and(|t| now < t.usable_until());
+        if usable {
+            Readiness::Ready
+        } else if self.inner.settled.load(Ordering::Relaxed) {
+            Readiness::Failing
+        } else {
+            Readiness::Warming
         }
+    }
+
+    /// Starts the keeper after `delay` unless one is running.
+    fn ensure_keeper(&self, delay: Duration) {
+        let mut keeper = self.inner.keeper.lock().unwrap_or_else(|e| e.into_inner());
+        if keeper.as_ref().is_some_and(|task| !task.is_finished()) {
+            return;
+        }
+        let task = tokio::spawn(keep(
+            Arc::downgrade(&self.inner),
+            self.inner.wake.clone(),
+            delay,
+        ));
+        *keeper = Some(task.abort_handle());
     }
 
     /// Runs one exchange outside the cache (for `tokengate token`).
@@ -241,6 +310,7 @@ impl Inner {
         self.exchanges.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let result = self.exchanger.exchange().await.map_err(Arc::new);
+        self.settled.store(true, Ordering::Relaxed);
         let outcome = match &result {
             Ok(_) => "ok",
             Err(e) if matches!(**e, AuthError::Rejected { .. }) => "rejected",
@@ -289,69 +359,93 @@ impl Inner {
         token.usable_until() - lead - jitter
     }
 
-    /// Replaces the background renewal task with one that keeps `token` fresh.
-    fn schedule_renewal(self: &Arc<Self>, token: &Arc<Token>) {
-        let task = tokio::spawn(renew(Arc::downgrade(self), token.clone()));
-        let previous = self
-            .renewer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .replace(task.abort_handle());
-        if let Some(previous) = previous {
-            previous.abort();
-        }
+    /// Makes `token` the current one, in moka and in the snapshot, and tells the keeper.
+    async fn install(&self, token: Arc<Token>) {
+        self.cache.insert((), token.clone()).await;
+        self.current.store(Some(token));
+        self.wake.notify_one();
+    }
+
+    /// The current token, if it is usable at `now`.
+    fn usable(&self, now: Instant) -> Option<Arc<Token>> {
+        self.current
+            .load_full()
+            .filter(|token| now < token.usable_until())
     }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Some(task) = self
-            .renewer
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
+        let keeper = self.keeper.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(task) = keeper.take() {
             task.abort();
         }
     }
 }
 
-/// The renewal loop: before `token` runs out, exchange for a new one. On failure the current token
-/// keeps serving; attempts follow the credential's backoff until the token is no longer usable,
-/// then the cold path takes over (still under the same backoff).
-async fn renew(source: Weak<Inner>, mut token: Arc<Token>) {
+/// The keeper: renews the token before it runs out; on a failed renewal the current token keeps
+/// serving and attempts follow the backoff. Without a usable token, a credential a route uses
+/// runs the cold exchange (shared with any request waiting for it) and retries under the
+/// backoff; any other credential's keeper ends there. `wake` makes it plan again at once (the
+/// token was replaced or dropped). It holds its source weakly, so a source dropped by a reload
+/// ends it.
+async fn keep(source: Weak<Inner>, wake: Arc<Notify>, delay: Duration) {
+    tokio::time::sleep(delay).await;
+    // When to renew which token: planned once per token, so that its jitter is drawn once.
+    let mut plan: Option<(u64, Instant)> = None;
     loop {
-        let Some(at) = source.upgrade().map(|s| s.renew_at(&token)) else {
+        let Some(inner) = source.upgrade() else {
             return;
         };
-        tokio::time::sleep_until(at.into()).await;
-        token = loop {
-            let Some(inner) = source.upgrade() else {
-                return;
-            };
-            match inner.exchange().await {
-                Ok(fresh) => {
-                    let fresh = Arc::new(fresh);
-                    inner.cache.insert((), fresh.clone()).await;
-                    inner.current.store(Some(fresh.clone()));
-                    break fresh;
-                }
-                Err(_) => {
-                    let now = Instant::now();
-                    let wait = inner
-                        .backoff
-                        .check(now)
-                        .err()
-                        .map_or(Duration::ZERO, |b| b.retry_after);
-                    if now + wait >= token.usable_until() {
-                        tracing::warn!(credential = %inner.name, "renewal gave up; token lapses");
-                        return;
+        let now = Instant::now();
+        let pause = match inner.usable(now) {
+            Some(token) => {
+                let at = match plan {
+                    Some((generation, at)) if generation == token.generation() => at,
+                    _ => inner.renew_at(&token),
+                };
+                plan = Some((token.generation(), at));
+                if now < at {
+                    Some(at - now)
+                } else if let Err(wait) = inner.backoff.check(now) {
+                    Some(wait.retry_after)
+                } else {
+                    match inner.exchange().await {
+                        Ok(fresh) => {
+                            let fresh = Arc::new(fresh);
+                            inner.cache.insert((), fresh.clone()).await;
+                            inner.current.store(Some(fresh));
+                            None
+                        }
+                        Err(_) => {
+                            let wait = inner.backoff.check(Instant::now()).err();
+                            let wait = wait.map_or(KEEPER_MIN_PAUSE, |b| b.retry_after);
+                            if Instant::now() + wait >= token.usable_until() {
+                                tracing::warn!(credential = %inner.name, "renewal failed; the token lapses");
+                            }
+                            Some(wait)
+                        }
                     }
-                    drop(inner);
-                    tokio::time::sleep(wait).await;
+                }
+            }
+            None if !inner.kept_warm.load(Ordering::Relaxed) => return,
+            None => {
+                let cold = TokenSource {
+                    inner: inner.clone(),
+                };
+                match cold.token().await {
+                    Ok(_) => None,
+                    Err(no) => Some(no.retry_after.max(KEEPER_MIN_PAUSE)),
                 }
             }
         };
+        drop(inner);
+        if let Some(pause) = pause {
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = wake.notified() => {}
+            }
+        }
     }
 }
 

@@ -51,6 +51,10 @@ pub struct Setup {
     pub agent_signature: SignatureAlg,
     /// The cipherText layout the sandbox agent expects.
     pub agent_layout: CipherTextLayout,
+    /// Wait, before returning, until the start-up exchange has answered (as `/readyz` does).
+    pub wait_warm: bool,
+    /// What the sandbox auth server answers from the start.
+    pub auth_fault: tokengate::sandbox::auth::Fault,
 }
 
 impl Default for Setup {
@@ -68,6 +72,8 @@ impl Default for Setup {
             resolver: None,
             agent_signature: SignatureAlg::Sha256,
             agent_layout: CipherTextLayout::IvTagCt,
+            wait_warm: true,
+            auth_fault: tokengate::sandbox::auth::Fault::None,
         }
     }
 }
@@ -83,6 +89,8 @@ pub struct Harness {
     /// The config text the gateway was built from, and its environment, for reload tests.
     pub config_text: String,
     pub env: BTreeMap<String, String>,
+    /// Exchanges the auth server had received when the harness was handed over.
+    pub exchanges_at_start: u64,
     sandbox: Sandbox,
 }
 
@@ -105,6 +113,7 @@ impl Harness {
         agent.signature = setup.agent_signature;
         agent.layout = setup.agent_layout;
         let sandbox = Sandbox::start(vec![agent], setup.expires_in).await.unwrap();
+        sandbox.auth.set_fault(setup.auth_fault.clone());
         let text = format!(
             r#"
 [server]
@@ -152,6 +161,9 @@ credential = "partner"
             gateway = gateway.with_resolver(resolver);
         }
         let running = gateway.start().await.unwrap();
+        if setup.wait_warm {
+            wait_settled(&gateway).await;
+        }
         Self {
             auth: sandbox.auth.clone(),
             upstream: sandbox.upstream.clone(),
@@ -162,8 +174,53 @@ credential = "partner"
             running: Some(running),
             config_text,
             env,
+            exchanges_at_start: sandbox.auth.requests(),
             sandbox,
         }
+    }
+
+    /// Exchanges the auth server received since the harness was handed over.
+    pub fn new_exchanges(&self) -> u64 {
+        self.auth.requests() - self.exchanges_at_start
+    }
+
+    /// Makes the auth server answer with `fault`, drops the token and waits until the
+    /// credential's keeper has run the exchange that meets it (so the credential is backing off
+    /// with that error, or holds a token if the fault lets one through).
+    pub async fn fail_auth(&self, fault: tokengate::sandbox::auth::Fault) {
+        self.auth.set_fault(fault);
+        self.refetch().await;
+    }
+
+    /// Drops the token and waits until the keeper's new exchange has answered, either way.
+    pub async fn refetch(&self) {
+        self.gateway
+            .credential("partner")
+            .unwrap()
+            .invalidate()
+            .await;
+        wait_settled(&self.gateway).await;
+    }
+
+    /// Waits until `pick` finds what it wants in the `/readyz` answer; returns that answer.
+    pub async fn readyz_until(
+        &self,
+        mut pick: impl FnMut(StatusCode, &serde_json::Value) -> bool,
+    ) -> (StatusCode, serde_json::Value) {
+        let client = client();
+        let url = format!("http://{}/readyz", self.admin);
+        tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            loop {
+                let (status, _, body) = send(&client, get(&url)).await;
+                let body = json(&body);
+                if pick(status, &body) {
+                    return (status, body);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("/readyz reached the awaited state")
     }
 
     /// Stops the auth server: its port refuses connections from now on.
@@ -180,6 +237,19 @@ credential = "partner"
         let (status, _, _) = send(client, get(&self.url("/warm"))).await;
         assert_eq!(status, StatusCode::OK);
     }
+}
+
+/// Waits until credential `partner` is past warming up: an exchange has answered, either way.
+pub async fn wait_settled(gateway: &Gateway) {
+    use tokengate::auth::cache::Readiness;
+    let source = gateway.credential("partner").unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while source.readiness() == Readiness::Warming {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the start-up exchange answers");
 }
 
 pub fn client() -> Client<HttpConnector, TestBody> {
