@@ -63,21 +63,21 @@ pub struct ServerConfig {
     /// Bytes of request body buffered so a request can be replayed after a 401. Default 65536.
     pub max_replay_body: usize,
     /// How long the upstream may take to answer (response head). Default 30 s.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub request_timeout: Duration,
     /// How long a TCP connect to an upstream may take: 504 `upstream_timeout`. Default 5 s.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub connect_timeout: Duration,
     /// How long a client may take to send its request headers; on HTTP/1.1 this also bounds
     /// how long a keep-alive connection may sit idle. Default 10 s.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub header_read_timeout: Duration,
     /// The largest request body accepted, in bytes: 413 `body_too_large` (before any exchange or
     /// upstream dial when the length is declared). Default 16 MiB.
     pub max_request_body: u64,
     /// The longest wait for the next piece of a body: a client's stalled upload gets 408
     /// `client_timeout`; an upstream's stalled response is cut off. Default 30 s.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub body_idle_timeout: Duration,
     /// The most client connections served at once; further ones wait in the accept queue.
     /// Default 10000.
@@ -87,12 +87,13 @@ pub struct ServerConfig {
     pub max_concurrent_requests: usize,
     /// Networks (CIDRs) clients may connect from; others get 403 `forbidden`. Default: any
     /// (the default `listen` is loopback).
+    #[serde(deserialize_with = "some_cidrs")]
     pub allowed_clients: Option<Vec<ipnet::IpNet>>,
     /// A shared client key every request must carry; it is removed before forwarding.
     pub require_header: Option<RequireHeader>,
     /// After SIGTERM, how long in-flight requests may finish before connections are closed.
     /// Default 30 s.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub shutdown_grace: Duration,
     /// Serve clients over TLS (and, with `client_ca_file`, require client certificates).
     pub tls: Option<ServerTls>,
@@ -169,11 +170,12 @@ pub struct ForwardConfig {
     pub tunnel_allow: Vec<String>,
     /// Address ranges a tunnel may reach although the guard denies them by default (loopback,
     /// private, link-local, CGNAT, reserved). Default empty.
+    #[serde(deserialize_with = "cidrs")]
     pub tunnel_allow_addresses: Vec<ipnet::IpNet>,
     /// The most tunnels open at once; further CONNECTs get 503 `overloaded`. Default 1024.
     pub max_tunnels: usize,
     /// A tunnel with no bytes moving either way for this long is closed. Default 5 min.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub tunnel_idle_timeout: Duration,
 }
 
@@ -220,18 +222,58 @@ pub struct CredentialConfig {
     #[serde(default)]
     pub cipher_text_layout: CipherTextLayout,
     /// Renew this long before expiry, plus jitter (half the lifetime for short tokens). Default 5m.
-    #[serde(default = "default_refresh_before", with = "humantime_serde")]
+    #[serde(default = "default_refresh_before", deserialize_with = "duration")]
     pub refresh_before: Duration,
     /// The deadline for one exchange. Default 5 s.
-    #[serde(default = "default_exchange_timeout", with = "humantime_serde")]
+    #[serde(default = "default_exchange_timeout", deserialize_with = "duration")]
     pub timeout: Duration,
     /// The longest wait between failed exchanges (backoff starts at 1 s and doubles, with
     /// jitter). Default 30 s.
-    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    #[serde(default = "default_max_backoff", deserialize_with = "duration")]
     pub max_backoff: Duration,
     /// Extra PEM roots trusted for this auth server.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+}
+
+/// Reads a duration written as humantime reads it (`"5s"`, `"250ms"`, `"1m 30s"`), with an
+/// error that shows that form.
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    struct V;
+    impl Visitor<'_> for V {
+        type Value = Duration;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(DURATION_FORM)
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
+            humantime::parse_duration(v)
+                .map_err(|e| E::custom(format!("`{v}` is not a duration ({e}); {DURATION_FORM}")))
+        }
+    }
+    d.deserialize_str(V)
+}
+
+/// How a duration is written, for error messages.
+const DURATION_FORM: &str =
+    r#"write a duration as a string such as "5s", "250ms", "2m" or "1h 30m""#;
+
+/// Reads a list of CIDR networks, with an error that says CIDR and shows the form.
+fn cidrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|text| {
+            text.parse().map_err(|_| {
+                de::Error::custom(format!(
+                    r#"`{text}` is not a CIDR network; write it like "10.0.0.0/8", "192.168.1.7/32" or "fd00::/8""#
+                ))
+            })
+        })
+        .collect()
+}
+
+/// [`cidrs`], for a list that may be absent.
+fn some_cidrs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<ipnet::IpNet>>, D::Error> {
+    cidrs(d).map(Some)
 }
 
 fn default_refresh_before() -> Duration {
@@ -400,7 +442,8 @@ pub struct CredentialSecrets {
 }
 
 impl Config {
-    /// Reads, parses and validates `path`.
+    /// Reads, parses and validates `path`. Relative file paths in it (secrets, CA and TLS
+    /// files) are taken from the directory `path` is in, not from the working directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -408,7 +451,53 @@ impl Config {
             key: "(file)".into(),
             problem: format!("cannot read: {e}"),
         })?;
-        Self::parse(&text, &file)
+        let mut config = Self::parse(&text, &file)?;
+        config.anchor_paths(path.parent().unwrap_or(Path::new("")));
+        Ok(config)
+    }
+
+    /// Makes every relative file path in the config relative to `base` instead.
+    fn anchor_paths(&mut self, base: &Path) {
+        let anchor = |path: &mut PathBuf| {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        };
+        let anchor_secret = |source: &mut SecretSource| {
+            if let SecretSource::File(path) = source {
+                anchor(path);
+            }
+        };
+        if let Some(tls) = &mut self.server.tls {
+            anchor(&mut tls.cert_file);
+            anchor(&mut tls.key_file);
+            tls.client_ca_file.as_mut().map(anchor);
+        }
+        if let Some(required) = &mut self.server.require_header {
+            anchor_secret(&mut required.value);
+        }
+        for credential in self.credentials.values_mut() {
+            anchor_secret(&mut credential.secret);
+            credential.encryption_key.as_mut().map(anchor_secret);
+            credential.ca_file.as_mut().map(anchor);
+        }
+        for route in &mut self.routes {
+            route.ca_file.as_mut().map(anchor);
+        }
+    }
+
+    /// What `check` and `run` warn about but accept: each credential no route uses.
+    pub fn warnings(&self, file: &str) -> Vec<String> {
+        self.credentials
+            .keys()
+            .filter(|name| !self.routes.iter().any(|r| &r.credential == *name))
+            .map(|name| {
+                format!(
+                    "{file}: credentials.{name}: no route uses this credential, so its token is \
+                     never fetched; name it in a route's `credential`, or remove it"
+                )
+            })
+            .collect()
     }
 
     /// Parses and validates TOML text; `file` names it in errors.
@@ -440,6 +529,26 @@ impl Config {
             key,
             problem,
         };
+        if self.routes.is_empty() {
+            return Err(err(
+                "routes".into(),
+                "no [[routes]] table, so every request would get 404 no_route; add one with \
+                 `upstream` and `credential`"
+                    .into(),
+            ));
+        }
+        let (proxy, admin) = (self.server.listen, self.admin.listen);
+        let overlap =
+            proxy.ip() == admin.ip() || proxy.ip().is_unspecified() || admin.ip().is_unspecified();
+        if proxy.port() != 0 && proxy.port() == admin.port() && overlap {
+            return Err(err(
+                "admin.listen".into(),
+                format!(
+                    "`{admin}` is also where server.listen (`{proxy}`) listens; give the admin \
+                     API an address of its own (default 127.0.0.1:9901)"
+                ),
+            ));
+        }
         if self.server.max_replay_body > MAX_REPLAY_BODY_LIMIT {
             return Err(err(
                 "server.max_replay_body".into(),
@@ -754,5 +863,142 @@ credential = "partner"
             .unwrap_err();
         assert_eq!(e.key, "credentials.partner.secret");
         assert!(e.problem.contains("PARTNER_SECRET"));
+    }
+
+    #[test]
+    fn a_config_without_routes_is_refused_empty_or_not() {
+        for text in ["", "[server]\n", &GOOD[..GOOD.find("[[routes]]").unwrap()]] {
+            let e = problem(text);
+            assert_eq!(e.key, "routes", "{e}");
+            assert!(e.problem.contains("no [[routes]] table"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_proxy_and_the_admin_api_need_addresses_of_their_own() {
+        let on = |admin: &str| {
+            GOOD.replace(
+                "[server]",
+                &format!("[admin]\nlisten = \"{admin}\"\n[server]"),
+            )
+        };
+        let with_proxy = |text: String, proxy: &str| {
+            text.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{proxy}\""))
+        };
+        for (proxy, admin) in [
+            ("127.0.0.1:8080", "127.0.0.1:8080"),
+            ("0.0.0.0:8080", "127.0.0.1:8080"),
+            ("127.0.0.1:8080", "0.0.0.0:8080"),
+        ] {
+            let e = problem(&with_proxy(on(admin), proxy));
+            assert_eq!(e.key, "admin.listen", "{e}");
+            assert!(e.problem.contains("server.listen"), "{e}");
+        }
+        for (proxy, admin) in [
+            ("127.0.0.1:8080", "127.0.0.1:9901"),
+            ("127.0.0.1:8080", "127.0.0.2:8080"),
+            ("127.0.0.1:0", "127.0.0.1:0"),
+        ] {
+            Config::parse(&with_proxy(on(admin), proxy), "proxy.toml").unwrap();
+        }
+    }
+
+    #[test]
+    fn duration_and_cidr_errors_show_the_right_form() {
+        let e = problem(&GOOD.replace(
+            "listen = \"127.0.0.1:0\"",
+            "request_timeout = \"ten seconds\"",
+        ));
+        assert_eq!(e.key, "server.request_timeout");
+        assert!(e.problem.contains("`ten seconds` is not a duration"), "{e}");
+        assert!(e.problem.contains(r#""5s", "250ms""#), "{e}");
+        let e = problem(&GOOD.replace("listen = \"127.0.0.1:0\"", "shutdown_grace = 30"));
+        assert!(
+            e.problem.contains(r#"such as "5s""#),
+            "a bare number too: {e}"
+        );
+
+        let e = problem(&GOOD.replace(
+            "listen = \"127.0.0.1:0\"",
+            "allowed_clients = [\"10.0.0.0/8\", \"10.0.0.0/33\"]",
+        ));
+        assert_eq!(e.key, "server.allowed_clients");
+        assert!(
+            e.problem.contains("`10.0.0.0/33` is not a CIDR network"),
+            "{e}"
+        );
+        let e = problem(&format!(
+            "{GOOD}\n[forward]\ntunnel_allow_addresses = [\"10.1.2.3\"]\n"
+        ));
+        assert_eq!(e.key, "forward.tunnel_allow_addresses");
+        assert!(e.problem.contains("CIDR"), "{e}");
+    }
+
+    #[test]
+    fn a_credential_no_route_uses_is_a_warning() {
+        let text = format!(
+            "{GOOD}\n[credentials.spare]\nauth_url = \"https://a.example/v2/auth\"\n\
+             agent_id = \"s\"\nsecret = {{ env = \"S\" }}\n"
+        );
+        let c = Config::parse(&text, "proxy.toml").unwrap();
+        let warnings = c.warnings("proxy.toml");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("proxy.toml: credentials.spare: no route uses this credential"),
+            "{warnings:?}"
+        );
+        assert!(
+            Config::parse(GOOD, "proxy.toml")
+                .unwrap()
+                .warnings("proxy.toml")
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn relative_file_paths_are_read_from_the_config_files_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("secrets")).unwrap();
+        std::fs::write(dir.path().join("secrets/partner"), "s3cret\n").unwrap();
+        let text = GOOD
+            .replace(
+                "{ env = \"PARTNER_SECRET\" }",
+                "{ file = \"secrets/partner\" }",
+            )
+            .replace(
+                "credential = \"partner\"",
+                "credential = \"partner\"\nca_file = \"ca.pem\"",
+            );
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(&path, text).unwrap();
+        // The working directory is not the config's; the paths still resolve there.
+        let c = Config::load(&path).unwrap();
+        assert_eq!(
+            c.credentials["partner"].secret,
+            SecretSource::File(dir.path().join("secrets/partner"))
+        );
+        assert_eq!(c.routes[0].ca_file, Some(dir.path().join("ca.pem")));
+        let secrets = c
+            .resolve_secrets("partner", &BTreeMap::new(), "proxy.toml")
+            .unwrap();
+        assert_eq!(
+            secrecy::ExposeSecret::expose_secret(&secrets.secret),
+            "s3cret"
+        );
+        // Absolute paths stay as they are.
+        let absolute = Config::parse(
+            &GOOD.replace(
+                "{ env = \"PARTNER_SECRET\" }",
+                "{ file = \"/run/secrets/partner\" }",
+            ),
+            "proxy.toml",
+        )
+        .unwrap();
+        let mut anchored = absolute;
+        anchored.anchor_paths(dir.path());
+        assert_eq!(
+            anchored.credentials["partner"].secret,
+            SecretSource::File("/run/secrets/partner".into())
+        );
     }
 }

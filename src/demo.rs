@@ -20,9 +20,12 @@ pub const DEMO_EXPIRES_IN: u64 = 3600;
 /// Why the demo could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    /// A socket could not be bound.
-    #[error("cannot listen: {0}")]
-    Io(#[from] std::io::Error),
+    /// The sandbox's sockets could not be bound.
+    #[error("cannot start the sandbox")]
+    Sandbox(#[from] std::io::Error),
+    /// The proxy could not start (its address is named).
+    #[error(transparent)]
+    Start(#[from] crate::server::StartError),
     /// The generated config was refused (a bug).
     #[error(transparent)]
     Config(#[from] ConfigError),

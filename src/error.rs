@@ -25,8 +25,12 @@ pub enum ProxyError {
         /// The request was absolute-form (`HTTP_PROXY` use): 403 instead of 404.
         absolute_form: bool,
     },
-    /// The credential's token could not be obtained.
-    #[error("credential {credential}: {source}")]
+    /// A CONNECT names a target `forward.tunnel_allow` does not list (kind `no_route`, 403).
+    #[error("CONNECT target `{0}` is not listed in forward.tunnel_allow")]
+    TunnelNotListed(http::uri::Authority),
+    /// The credential's token could not be obtained. (The client's message adds the top of
+    /// `source`; logs show the whole chain.)
+    #[error("credential {credential}")]
     Auth {
         /// The credential's name.
         credential: Arc<str>,
@@ -66,8 +70,8 @@ pub enum ProxyError {
     /// The client may not use this proxy (address or shared key).
     #[error("forbidden: {0}")]
     Forbidden(&'static str),
-    /// A method tokengate never forwards (CONNECT, TRACE).
-    #[error("method {0} is not forwarded")]
+    /// A method tokengate does not forward: CONNECT while no tunnel target is listed, TRACE.
+    #[error("{}", method_refusal(.0))]
     MethodNotAllowed(http::Method),
     /// The request head is longer than allowed; the connection is closed after the answer.
     #[error("request head exceeds {limit} bytes")]
@@ -95,6 +99,7 @@ impl ProxyError {
                 absolute_form: true,
             } => StatusCode::FORBIDDEN,
             Self::NoRoute { .. } => StatusCode::NOT_FOUND,
+            Self::TunnelNotListed(_) => StatusCode::FORBIDDEN,
             Self::Auth { source, .. } => match **source {
                 AuthError::Rejected { .. } => StatusCode::BAD_GATEWAY,
                 _ => StatusCode::SERVICE_UNAVAILABLE,
@@ -118,7 +123,7 @@ impl ProxyError {
     /// The stable `kind` of DESIGN.md.
     pub fn kind(&self) -> &'static str {
         match self {
-            Self::NoRoute { .. } => "no_route",
+            Self::NoRoute { .. } | Self::TunnelNotListed(_) => "no_route",
             Self::Auth { source, .. } => match **source {
                 AuthError::Rejected { .. } => "auth_rejected",
                 _ => "auth_unavailable",
@@ -137,6 +142,17 @@ impl ProxyError {
         }
     }
 
+    /// The client's `message`: this error's own words, and for an auth failure the top of its
+    /// cause (never the lower causes, which may quote the auth server's transport).
+    pub fn message(&self) -> String {
+        match self {
+            Self::Auth {
+                credential, source, ..
+            } => format!("credential {credential}: {source}"),
+            other => other.to_string(),
+        }
+    }
+
     /// The error for a request body that stopped: too large, idle, or broken.
     pub fn from_body(error: BodyError) -> Self {
         match error {
@@ -152,7 +168,7 @@ impl ProxyError {
     pub fn into_response(self) -> ProxyResponse {
         let status = self.status();
         let kind = self.kind();
-        let mut body = serde_json::json!({ "kind": kind, "message": self.to_string() });
+        let mut body = serde_json::json!({ "kind": kind, "message": self.message() });
         let retry_after = match &self {
             // Whole seconds, rounded up, at least 1: a client retrying then finds a new exchange.
             Self::Auth { retry_after, .. } => {
@@ -205,6 +221,19 @@ impl From<BoxError> for ProxyError {
     }
 }
 
+/// Why a method is refused, and what would allow it.
+fn method_refusal(method: &http::Method) -> String {
+    match *method {
+        http::Method::CONNECT => {
+            "CONNECT tunnels are off: list the target (host:port) in forward.tunnel_allow to \
+             allow one"
+                .into()
+        }
+        http::Method::TRACE => "TRACE is never forwarded: it would echo the injected token".into(),
+        ref other => format!("method {other} is not forwarded"),
+    }
+}
+
 /// Displays an error with its chain of sources, `outer: inner: root`.
 pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
 
@@ -217,5 +246,38 @@ impl std::fmt::Display for Chain<'_> {
             source = e.source();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each cause appears once in a chain: a `Display` names its own step, never its source's.
+    #[test]
+    fn chains_name_each_cause_once() {
+        let connect = crate::pool::PoolError::Connect {
+            authority: http::uri::Authority::from_static("api.internal:8080"),
+            source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        };
+        let error = ProxyError::UpstreamUnreachable(Box::new(connect));
+        assert_eq!(
+            Chain(&error).to_string(),
+            "upstream unreachable: connect to api.internal:8080: connection refused"
+        );
+
+        let error = ProxyError::Auth {
+            credential: "partner".into(),
+            source: Arc::new(AuthError::Timeout(Duration::from_secs(5))),
+            retry_after: Duration::ZERO,
+        };
+        assert_eq!(
+            Chain(&error).to_string(),
+            "credential partner: auth exchange timed out after 5s"
+        );
+        assert_eq!(
+            error.message(),
+            "credential partner: auth exchange timed out after 5s"
+        );
     }
 }

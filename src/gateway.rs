@@ -322,9 +322,12 @@ mod tests {
     use super::*;
 
     const BASE: &str = "[server]\nlisten = \"127.0.0.1:0\"\n";
+    const ROUTE: &str = "[credentials.c]\nauth_url = \"http://127.0.0.1:9/v2/auth\"\n\
+                         agent_id = \"a\"\nsecret = { env = \"S\" }\n\
+                         [[routes]]\nupstream = \"http://127.0.0.1:9\"\ncredential = \"c\"\n";
 
     fn config(extra: &str) -> Config {
-        Config::parse(&format!("{BASE}{extra}"), "t.toml").unwrap()
+        Config::parse(&format!("{BASE}{extra}\n{ROUTE}"), "t.toml").unwrap()
     }
 
     #[test]

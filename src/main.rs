@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tokengate::config::{Config, ConfigError, ProcessEnv, SecretSource};
+use tokengate::error::Chain;
 use tokengate::{Gateway, demo};
 
 /// mimalloc: fewer instructions per request than glibc's malloc, through its plain entry
@@ -162,7 +163,7 @@ fn main() -> ExitCode {
             Command::Run { config } => run(&config).await,
             Command::Check { config } => check(&config),
             Command::Token { config, name, show } => token(&config, &name, show).await,
-            Command::Demo { listen } => demo::run(listen).await.map_err(|e| e.to_string()),
+            Command::Demo { listen } => demo::run(listen).await.map_err(|e| Chain(&e).to_string()),
             Command::Sandbox { server } => sandbox(server).await,
         }
     });
@@ -238,10 +239,17 @@ async fn sandbox(server: SandboxServer) -> Result<(), String> {
 async fn run(path: &Path) -> Result<(), String> {
     use tokio::signal::unix::{SignalKind, signal};
     let gateway = load(path).map_err(|e| e.to_string())?;
+    for warning in gateway
+        .snapshot()
+        .config
+        .warnings(&path.display().to_string())
+    {
+        tracing::warn!(%warning, "configuration warning");
+    }
     let running = gateway
         .start()
         .await
-        .map_err(|e| format!("cannot listen: {e}"))?;
+        .map_err(|e| format!("{}: {}", path.display(), Chain(&e)))?;
     let signals = |kind| signal(kind).map_err(|e| format!("cannot watch signals: {e}"));
     let (mut hangup, mut terminate, mut interrupt) = (
         signals(SignalKind::hangup())?,
@@ -273,6 +281,9 @@ fn check(path: &Path) -> Result<(), String> {
         SecretSource::File(p) => format!("file {}", p.display()),
     };
     println!("{}: ok", path.display());
+    for warning in c.warnings(&path.display().to_string()) {
+        eprintln!("warning: {warning}");
+    }
     println!(
         "server  listen {}  max_replay_body {}  request_timeout {}  header_read_timeout {}",
         c.server.listen,
@@ -283,7 +294,7 @@ fn check(path: &Path) -> Result<(), String> {
     println!("admin   listen {}", c.admin.listen);
     for (name, cred) in &c.credentials {
         println!(
-            "credential {name}  {}  agent {}  secret from {}  key {}  signature {:?}  layout {:?}  refresh_before {}  timeout {}",
+            "credential {name}  {}  agent {}  secret from {}  key {}  signature {}  layout {}  refresh_before {}  timeout {}",
             cred.auth_url.0,
             cred.agent_id,
             source(&cred.secret),
@@ -298,7 +309,7 @@ fn check(path: &Path) -> Result<(), String> {
     }
     for (i, r) in c.routes.iter().enumerate() {
         println!(
-            "routes[{i}]  host {}  path_prefix {}  -> {}  credential {}  strip_prefix {}  client_authorization {:?}",
+            "routes[{i}]  host {}  path_prefix {}  -> {}  credential {}  strip_prefix {}  client_authorization {}",
             r.host.as_deref().unwrap_or("*"),
             r.path_prefix,
             r.upstream.0,
@@ -312,13 +323,27 @@ fn check(path: &Path) -> Result<(), String> {
 
 async fn token(path: &Path, name: &str, show: bool) -> Result<(), String> {
     let gateway = load(path).map_err(|e| e.to_string())?;
-    let source = gateway
-        .credential(name)
-        .ok_or_else(|| format!("{}: credentials.{name}: no such credential", path.display()))?;
-    let token = source
-        .exchange_once()
-        .await
-        .map_err(|e| format!("credential {name}: {}", tokengate::error::Chain(&e)))?;
+    let source = gateway.credential(name).ok_or_else(|| {
+        let snapshot = gateway.snapshot();
+        let known: Vec<&str> = snapshot.credentials.keys().map(String::as_str).collect();
+        format!(
+            "{}: credentials.{name}: no such credential (defined: {})",
+            path.display(),
+            if known.is_empty() {
+                "none".into()
+            } else {
+                known.join(", ")
+            }
+        )
+    })?;
+    let auth_url = &gateway.snapshot().config.credentials[name].auth_url.0;
+    let token = source.exchange_once().await.map_err(|e| {
+        format!(
+            "{}: credentials.{name}: the exchange with auth_url {auth_url} failed: {}",
+            path.display(),
+            Chain(&*e)
+        )
+    })?;
     let now = Instant::now();
     println!("credential  {name}");
     println!(

@@ -37,7 +37,7 @@ use crate::upstream::{POOL_IDLE_TIMEOUT, POOL_MAX_IDLE_PER_HOST};
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
     /// The TCP connect failed (or the name did not resolve).
-    #[error("connect to {authority}: {source}")]
+    #[error("connect to {authority}")]
     Connect {
         /// The upstream.
         authority: Authority,

@@ -75,25 +75,29 @@ where
                 ctx
             }
         };
+        // The path only, here and in the access log: a query string may carry secrets.
         let span = tracing::debug_span!(
             "request",
             method = %req.method(),
-            uri = %req.uri(),
+            path = req.uri().path(),
             version = ?req.version(),
         );
-        // The host is kept only for the access log, and only when that is on.
-        let host = if tracing::enabled!(target: "tokengate::access", tracing::Level::INFO) {
-            match req.uri().authority() {
-                Some(a) => Some(a.as_str().to_owned()),
-                None => req
-                    .headers()
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned),
-            }
-        } else {
-            None
-        };
+        // Host and path are kept only for the access log, and only when that is on.
+        let seen =
+            tracing::enabled!(target: "tokengate::access", tracing::Level::INFO).then(|| {
+                let host = match req.uri().authority() {
+                    Some(a) => Some(a.as_str().to_owned()),
+                    None => req
+                        .headers()
+                        .get(http::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .map(str::to_owned),
+                };
+                Seen {
+                    host,
+                    path: req.uri().path().to_owned(),
+                }
+            });
         let method = req.method().clone();
         let inner = span.in_scope(|| self.inner.call(req));
         RecordFuture {
@@ -103,9 +107,17 @@ where
             started: ctx.arrived(), // the duration counts from the head's arrival
             ctx,
             method,
-            host,
+            seen,
         }
     }
+}
+
+/// What the access log keeps of a request head.
+struct Seen {
+    /// The authority as the client sent it (absolute-form URI, else `Host`).
+    host: Option<String>,
+    /// The path, without the query.
+    path: String,
 }
 
 pin_project! {
@@ -118,7 +130,7 @@ pin_project! {
         ctx: Ctx,
         started: Instant,
         method: http::Method,
-        host: Option<String>,
+        seen: Option<Seen>,
     }
 }
 
@@ -141,13 +153,17 @@ where
                 .request(route.map(|r| (&r.name, &r.ok_count)), status, latency);
             // One line per request. `bytes` is the response's declared length, or its body's
             // known one (streamed bodies of unknown length log none); never a header value.
+            let seen = this.seen.as_ref();
             tracing::info!(
                 target: "tokengate::access",
                 method = %this.method,
+                path = seen.map(|s| s.path.as_str()),
+                client = this.ctx.peer().map(tracing::field::display),
                 route = route.map_or(NO_ROUTE, |r| r.name.as_ref()),
-                host = this.host.as_deref(),
+                host = seen.and_then(|s| s.host.as_deref()),
                 status,
-                latency_ms = latency.as_secs_f64() * 1000.0,
+                // Rounded to whole microseconds.
+                latency_ms = latency.as_micros() as f64 / 1000.0,
                 retried = this.ctx.replayed(),
                 credential = route.map(|r| r.credential.name().as_ref()),
                 bytes = response

@@ -29,6 +29,17 @@ pub enum ClientAuthorization {
     Reject,
 }
 
+impl std::fmt::Display for ClientAuthorization {
+    /// The config's spelling.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Replace => "replace",
+            Self::Keep => "keep",
+            Self::Reject => "reject",
+        })
+    }
+}
+
 /// One route, ready to serve.
 pub struct Route {
     /// Where it stands in the config, e.g. `routes[0]`, for logs and metrics.

@@ -71,13 +71,34 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// Why serving could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not be bound; `key` is the setting that chose its address.
+    #[error("{key}: cannot listen on {addr}")]
+    Listen {
+        /// `server.listen` or `admin.listen`.
+        key: &'static str,
+        /// The configured address.
+        addr: SocketAddr,
+        /// Why, e.g. the address is in use.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The listeners were bound, but serving them failed to start.
+    #[error("cannot start serving")]
+    Serve(#[source] std::io::Error),
+}
+
 impl Gateway {
     /// Binds the configured listeners and starts serving.
-    pub async fn start(&self) -> std::io::Result<Running> {
+    pub async fn start(&self) -> Result<Running, StartError> {
         let config = &self.snapshot().config;
-        let proxy = listen(config.server.listen)?;
-        let admin = listen(config.admin.listen)?;
-        self.start_on(proxy, admin)
+        let bind =
+            |key, addr| listen(addr).map_err(|source| StartError::Listen { key, addr, source });
+        let proxy = bind("server.listen", config.server.listen)?;
+        let admin = bind("admin.listen", config.admin.listen)?;
+        self.start_on(proxy, admin).map_err(StartError::Serve)
     }
 
     /// Starts serving on listeners the caller bound (tests bind `127.0.0.1:0`). `[server]`

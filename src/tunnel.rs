@@ -112,9 +112,7 @@ async fn open<B>(
         .and_then(|a| Some((a.clone(), a.port_u16()?)))
         .ok_or(ProxyError::BadRequest("CONNECT needs host:port"))?;
     if !forward.allows_tunnel(target.as_str()) {
-        return Err(ProxyError::NoRoute {
-            absolute_form: true,
-        });
+        return Err(ProxyError::TunnelNotListed(target));
     }
     let permit = layer
         .slots

@@ -99,7 +99,95 @@ async fn check_prints_a_summary_without_secrets() {
         "{stdout}"
     );
     assert!(stdout.contains("routes[0]"), "{stdout}");
+    // The config's own spellings, not the program's type names.
+    for spelling in [
+        "signature sha256 ",
+        "layout iv-tag-ct ",
+        "client_authorization replace",
+    ] {
+        assert!(stdout.contains(spelling), "{spelling}: {stdout}");
+    }
     assert!(!stdout.contains(SECRET) && !stderr.contains(SECRET));
+    assert!(!stderr.contains("warning"), "{stderr}");
+
+    // A credential no route uses is accepted with a warning.
+    let spare = format!(
+        "{}\n[credentials.spare]\nauth_url = \"https://a.example/v2/auth\"\nagent_id = \"s\"\n\
+         secret = {{ env = \"PARTNER_SECRET\" }}\n",
+        config("https://auth.example.com/v2/auth", "partner")
+    );
+    let (code, _, stderr) = tokengate(&["check"], &spare).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("warning: FILE: credentials.spare: no route uses this credential"),
+        "{stderr}"
+    );
+}
+
+/// No cause is said twice in a row in an error chain (`a: b: b: c`).
+fn assert_no_repeated_cause(line: &str) {
+    let causes: Vec<&str> = line.split(": ").collect();
+    for pair in causes.windows(2) {
+        assert_ne!(pair[0], pair[1], "a cause repeated in: {line}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_names_the_address_and_the_key_it_cannot_listen_on() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let text = config("https://auth.example.com/v2/auth", "partner")
+        .replace("127.0.0.1:0", &addr.to_string())
+        .replace(
+            "[credentials.partner]",
+            "[admin]\nlisten = \"127.0.0.1:0\"\n[credentials.partner]",
+        );
+    let (code, _, stderr) = tokengate(&["run"], &text).await;
+    assert_eq!(code, 1, "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with(&format!(
+            "tokengate: FILE: server.listen: cannot listen on {addr}: "
+        )),
+        "{stderr}"
+    );
+    assert_no_repeated_cause(last);
+
+    let text = config("https://auth.example.com/v2/auth", "partner").replace(
+        "[credentials.partner]",
+        &format!("[admin]\nlisten = \"{addr}\"\n[credentials.partner]"),
+    );
+    let (code, _, stderr) = tokengate(&["run"], &text).await;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("FILE: admin.listen: cannot listen on {addr}: ")),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_failures_name_the_credential_and_its_auth_url_once_each_cause() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let auth_url = format!("http://{}/v2/auth", closed.local_addr().unwrap());
+    drop(closed);
+    let (code, stdout, stderr) =
+        tokengate(&["token", "partner"], &config(&auth_url, "partner")).await;
+    assert_eq!(code, 1, "{stdout}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with(&format!(
+            "tokengate: FILE: credentials.partner: the exchange with auth_url {auth_url} failed: auth server unreachable: "
+        )),
+        "{stderr}"
+    );
+    assert_no_repeated_cause(last);
+
+    let (code, _, stderr) = tokengate(&["token", "nope"], &config(&auth_url, "partner")).await;
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("FILE: credentials.nope: no such credential (defined: partner)"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,7 +346,7 @@ impl Run {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_serves_and_sigterm_lets_the_request_in_flight_finish_then_exits_0() {
     let mut run = Run::start().await;
-    assert_eq!(run.get("/via-run").await, 200);
+    assert_eq!(run.get("/via-run?api_key=not-for-logs").await, 200);
     assert_eq!(run.sandbox.upstream.requests(), 1);
     // One access-log line per request, with the fields operators filter on.
     let access = Run::wait_for(&mut run.logs, |e| {
@@ -266,6 +354,21 @@ async fn run_serves_and_sigterm_lets_the_request_in_flight_finish_then_exits_0()
     })
     .await;
     assert_eq!(access["method"], "GET", "{access}");
+    assert_eq!(
+        access["path"], "/via-run",
+        "the path, never the query: {access}"
+    );
+    assert!(!access.to_string().contains("not-for-logs"), "{access}");
+    let client = access["client"].as_str().unwrap();
+    assert!(
+        client.starts_with("127.0.0.1:"),
+        "the client's address: {access}"
+    );
+    let micros = access["latency_ms"].as_f64().unwrap() * 1000.0;
+    assert!(
+        (micros - micros.round()).abs() < 1e-6,
+        "whole microseconds: {access}"
+    );
     assert_eq!(access["route"], "routes[0]");
     assert_eq!(access["status"], 200);
     assert_eq!(access["credential"], "partner");

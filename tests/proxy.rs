@@ -1451,13 +1451,21 @@ async fn connect_and_trace_get_405_and_redirects_are_passed_through() {
         head.contains("x-tokengate-error: method_not_allowed"),
         "{head}"
     );
+    assert!(
+        head.contains("list the target (host:port) in forward.tunnel_allow"),
+        "the answer names the setting that allows it: {head}"
+    );
     let req = Request::builder()
         .method("TRACE")
         .uri(h.url("/x"))
         .body(full(Bytes::new()))
         .unwrap();
-    let (status, _, _) = send(&client(), req).await;
+    let (status, _, body) = send(&client(), req).await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(
+        json(&body)["message"],
+        "TRACE is never forwarded: it would echo the injected token"
+    );
     assert_eq!(h.upstream.requests(), 0);
     assert_eq!(h.new_exchanges(), 0);
 
@@ -1874,9 +1882,22 @@ async fn connect_tunnels_only_to_listed_targets_whose_addresses_pass_the_ssrf_gu
     );
 
     // Unlisted: 403 no_route. Listed but resolving to a denied class: 403 forbidden.
-    let (head, _) = connect(h.proxy, &format!("other.test:{echo}")).await;
+    let (head, mut refused) = connect(h.proxy, &format!("other.test:{echo}")).await;
     assert!(head.starts_with("http/1.1 403"), "{head}");
     assert!(head.contains("x-tokengate-error: no_route"), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("a JSON body of known length");
+    let mut body = vec![0u8; length];
+    tokio::io::AsyncReadExt::read_exact(&mut refused, &mut body)
+        .await
+        .unwrap();
+    assert_eq!(
+        json(&Bytes::from(body))["message"],
+        format!("CONNECT target `other.test:{echo}` is not listed in forward.tunnel_allow")
+    );
     for host in ["metadata", "internal", "cgnat", "mapped", "nat64"] {
         let (head, _) = connect(h.proxy, &format!("{host}.test:{echo}")).await;
         assert!(head.starts_with("http/1.1 403"), "{host}: {head}");

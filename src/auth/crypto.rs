@@ -40,6 +40,26 @@ pub enum CipherTextLayout {
     IvCtTag,
 }
 
+impl std::fmt::Display for SignatureAlg {
+    /// The config's spelling.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Sha256 => "sha256",
+            Self::HmacSha256 => "hmac-sha256",
+        })
+    }
+}
+
+impl std::fmt::Display for CipherTextLayout {
+    /// The config's spelling.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::IvTagCt => "iv-tag-ct",
+            Self::IvCtTag => "iv-ct-tag",
+        })
+    }
+}
+
 /// Why a cipherText could not be decrypted.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CryptoError {
