@@ -808,6 +808,22 @@ credential = "partner"
     }
 
     #[test]
+    fn shipped_kubernetes_config_is_valid() {
+        // The ConfigMap's `proxy.toml: |` block, de-indented.
+        let manifest = include_str!("../deploy/kubernetes/tokengate.yaml");
+        let (_, rest) = manifest.split_once("proxy.toml: |\n").unwrap();
+        let block = rest.split("\n---").next().unwrap();
+        let text: String = block
+            .lines()
+            .map(|l| l.strip_prefix("    ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = Config::parse(&text, "tokengate.yaml").unwrap();
+        assert_eq!(c.routes[0].credential, "partner");
+        assert!(c.warnings("tokengate.yaml").is_empty());
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let e = problem(&GOOD.replace("credential = \"partner\"", "credential = \"nope\""));
         assert_eq!(e.key, "routes[0].credential");
