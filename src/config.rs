@@ -808,6 +808,13 @@ credential = "partner"
     }
 
     #[test]
+    fn shipped_local_config_is_valid() {
+        let c = Config::parse(include_str!("../deploy/local/proxy.toml"), "local").unwrap();
+        assert_eq!(c.routes.len(), 2);
+        assert!(c.warnings("local").is_empty());
+    }
+
+    #[test]
     fn shipped_kubernetes_config_is_valid() {
         // The ConfigMap's `proxy.toml: |` block, de-indented.
         let manifest = include_str!("../deploy/kubernetes/tokengate.yaml");

@@ -474,7 +474,7 @@ async fn sandbox_subcommands_serve_a_gateway_as_in_docker_compose() {
             .local_addr()
             .unwrap()
     };
-    let (auth, upstream, proxy) = (free_port(), free_port(), free_port());
+    let (auth, upstream) = (free_port(), free_port());
     let spawn = |args: Vec<String>| {
         Command::new(BIN)
             .args(args)
@@ -500,43 +500,63 @@ async fn sandbox_subcommands_serve_a_gateway_as_in_docker_compose() {
         "--listen".into(),
         upstream.to_string(),
     ]);
-    // The compose config, pointed at loopback ports.
-    let text = include_str!("../deploy/compose/proxy.toml")
-        .replace("0.0.0.0:8080", &proxy.to_string())
+    // The compose config, and the one for running without Docker, pointed at these ports.
+    let compose = include_str!("../deploy/compose/proxy.toml")
         .replace("0.0.0.0:9901", "127.0.0.1:0")
         .replace("http://auth:9000", &format!("http://{auth}"))
-        .replace("http://upstream:9100", &format!("http://{upstream}"))
-        .replace("integratorDemo01", "integratorCli01");
+        .replace("http://upstream:9100", &format!("http://{upstream}"));
+    let local = include_str!("../deploy/local/proxy.toml")
+        .replace("127.0.0.1:9901", "127.0.0.1:0")
+        .replace("127.0.0.1:9000", &auth.to_string())
+        .replace("127.0.0.1:9100", &upstream.to_string());
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("proxy.toml");
-    std::fs::write(&path, text).unwrap();
-    let _proxy = spawn(vec![
-        "run".into(),
-        "--config".into(),
-        path.display().to_string(),
-    ]);
+    let mut proxies = Vec::new();
+    for (name, text, listen) in [
+        ("compose", compose, "0.0.0.0:8080"),
+        ("local", local, "127.0.0.1:8080"),
+    ] {
+        let proxy = free_port();
+        let path = dir.path().join(format!("{name}.toml"));
+        let text = text
+            .replace(listen, &proxy.to_string())
+            .replace("integratorDemo01", "integratorCli01");
+        std::fs::write(&path, text).unwrap();
+        let child = spawn(vec![
+            "run".into(),
+            "--config".into(),
+            path.display().to_string(),
+        ]);
+        proxies.push((name, proxy, child));
+    }
 
-    // An HTTP_PROXY client's absolute-form request for the routed host.
-    let request = "GET http://api.example.com/v1/x HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n";
-    let answer = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            if let Ok(mut s) = tokio::net::TcpStream::connect(proxy).await {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut out = String::new();
-                if s.write_all(request.as_bytes()).await.is_ok()
-                    && s.read_to_string(&mut out).await.is_ok()
-                    && !out.is_empty()
-                {
-                    return out;
+    for (name, proxy, _child) in &proxies {
+        // An HTTP_PROXY client's absolute-form request for the routed host.
+        let request = "GET http://api.example.com/v1/x HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n";
+        let answer = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                if let Ok(mut s) = tokio::net::TcpStream::connect(proxy).await {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut out = String::new();
+                    // Until the sandbox auth server is up, the proxy answers 503.
+                    if s.write_all(request.as_bytes()).await.is_ok()
+                        && s.read_to_string(&mut out).await.is_ok()
+                        && !out.starts_with("HTTP/1.1 503")
+                        && !out.is_empty()
+                    {
+                        return out;
+                    }
                 }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("the gateway answers");
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(answer.contains("\"authorization\":\"Bearer ey"), "{answer}");
+        })
+        .await
+        .expect("the gateway answers, once the sandbox is up");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{name}: {answer}");
+        assert!(
+            answer.contains("\"authorization\":\"Bearer ey"),
+            "{name}: {answer}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
