@@ -1,4 +1,4 @@
-//! The proxy's own errors and the one place they become the JSON responses of DESIGN.md.
+//! The proxy's own errors and the one place they become the JSON responses the README lists.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -120,7 +120,7 @@ impl ProxyError {
         }
     }
 
-    /// The stable `kind` of DESIGN.md.
+    /// The stable `kind` (README, Errors).
     pub fn kind(&self) -> &'static str {
         match self {
             Self::NoRoute { .. } | Self::TunnelNotListed(_) => "no_route",

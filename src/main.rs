@@ -55,7 +55,7 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum SandboxServer {
-    /// The sandbox auth server (`POST /v2/auth`, PROTOCOL.md).
+    /// The sandbox auth server (`POST /v2/auth`, docs/PROTOCOL.md).
     Auth {
         /// Where to listen.
         #[arg(long, default_value = "127.0.0.1:9000")]

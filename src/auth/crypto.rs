@@ -1,4 +1,4 @@
-//! The exchange's cryptography (PROTOCOL.md): AES-256-GCM `cipherText` in both layouts, and the
+//! The exchange's cryptography (docs/PROTOCOL.md): AES-256-GCM `cipherText` in both layouts, and the
 //! request signature.
 
 use aes_gcm::aead::AeadInPlace;
@@ -216,7 +216,7 @@ pub fn signatures_equal(a: &str, b: &str) -> bool {
 mod tests {
     use super::*;
 
-    /// The provider's own example (PROTOCOL.md): plain SHA-256 over the header's agent id.
+    /// The provider's own example (docs/PROTOCOL.md): plain SHA-256 over the header's agent id.
     #[test]
     fn signature_matches_the_documents_example() {
         let ct = "G0ZMDELeJwx+7JcIfIFOLJjkSzANPu6krGM2uw==bDUB6MvLbggJM4Df28x/41LlgIPDqPBBAylkqTdB0I78haWOdi6jV8JXAi0iL8JHq/cCPlj39Apt/I9hDNII3SBb0IZMg+qGN3pH3zExydFZSLXwErOa/6KzGMHukRkqHjdFzQ==";

@@ -1,4 +1,4 @@
-//! The sandbox auth server: `POST /v2/auth` as PROTOCOL.md describes it. It checks the timestamp
+//! The sandbox auth server: `POST /v2/auth` as docs/PROTOCOL.md describes it. It checks the timestamp
 //! window, refuses reused nonces, verifies the signature, decrypts the cipherText and checks the
 //! secret, then issues an HS256 JWT.
 
@@ -164,7 +164,7 @@ impl AuthState {
         json_response(StatusCode::OK, &body)
     }
 
-    /// The checks of PROTOCOL.md, in order; `Err(code)` on the first that fails.
+    /// The checks of docs/PROTOCOL.md, in order; `Err(code)` on the first that fails.
     async fn verify_and_issue(&self, req: Request<ClientBody>) -> Result<(String, u64), i64> {
         if req.method() != Method::POST || !req.uri().path().ends_with("/v2/auth") {
             return Err(11);
