@@ -182,17 +182,24 @@ impl std::fmt::Debug for Gateway {
 /// Starts the keepers of `live`'s routed credentials, spread over [`WARMUP_WINDOW`] (a keeper
 /// already running keeps its pace), and lets the others' keepers end with their token.
 fn keep_warm(live: &Live) {
-    let routed = live.routed_credentials().count().max(1);
-    let step = WARMUP_STEP.min(WARMUP_WINDOW / u32::try_from(routed).unwrap_or(u32::MAX));
+    let routed: Vec<&String> = live.routed_credentials().map(|(name, _)| name).collect();
+    let step = warmup_step(routed.len());
     let mut delay = Duration::ZERO;
     for (name, source) in &live.credentials {
-        if live.config.routes.iter().any(|r| &r.credential == name) {
+        if routed.contains(&name) {
             source.keep_warm(delay);
             delay += step;
         } else {
             source.stop_keeping_warm();
         }
     }
+}
+
+/// The gap between the first exchanges of `count` credentials: [`WARMUP_STEP`], or less so
+/// that they all start within [`WARMUP_WINDOW`].
+fn warmup_step(count: usize) -> Duration {
+    let count = u32::try_from(count).unwrap_or(u32::MAX).max(1);
+    WARMUP_STEP.min(WARMUP_WINDOW / count)
 }
 
 /// Whether `[server]` or `[admin]` differ in a setting a reload cannot apply (everything but
@@ -328,6 +335,17 @@ mod tests {
 
     fn config(extra: &str) -> Config {
         Config::parse(&format!("{BASE}{extra}\n{ROUTE}"), "t.toml").unwrap()
+    }
+
+    #[test]
+    fn first_exchanges_are_spread_but_all_start_within_the_window() {
+        assert_eq!(warmup_step(1), WARMUP_STEP);
+        assert_eq!(warmup_step(20), WARMUP_STEP);
+        assert_eq!(warmup_step(100), Duration::from_millis(20));
+        for count in [1, 2, 21, 1000, 100_000] {
+            let last = warmup_step(count) * u32::try_from(count - 1).unwrap();
+            assert!(last < WARMUP_WINDOW, "{count}: the last starts at {last:?}");
+        }
     }
 
     #[test]
