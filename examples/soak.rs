@@ -242,7 +242,7 @@ credential = "partner"
             sandbox.restart_auth().await.expect("auth server restarts");
         }
         let second = now.as_secs();
-        if second % 10 == 0 && !rss.contains_key(&second) {
+        if second.is_multiple_of(10) && !rss.contains_key(&second) {
             rss.insert(second, rss_kib(pid));
             let now_cpu = (cpu_us(pid), counts.sent.load(Ordering::Relaxed));
             let requests = now_cpu.1 - last_cpu.1;

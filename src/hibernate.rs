@@ -2,7 +2,7 @@
 //! to it once they idle, and hyper's connection (with its 8 KiB read and 8 KiB write buffers)
 //! is taken apart. Only the socket goes back; between requests, [`crate::front`] holds no
 //! buffer either (the connection "hibernates"). hyper keeps both buffers for as long as a
-//! connection lives, so 10,000 idle keep-alive clients would hold 160 MB for nothing. nginx
+//! connection lives, which for many idle keep-alive clients is memory held for nothing. nginx
 //! frees its buffers the same way between requests.
 //!
 //! A connection is taken apart only when nothing can be lost: every request the framing watch

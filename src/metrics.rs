@@ -51,9 +51,9 @@ struct CredentialLabels {
 }
 
 /// Where a route keeps its count of `200` answers once it has counted one: the commonest
-/// series, counted without hashing its labels and taking its family's lock each time (the
-/// SipHash of the labels alone was 240 instructions a request; docs/BENCHMARKS.md). It is the
-/// family's own counter, so `/metrics` shows one series either way.
+/// series, counted without hashing its labels and taking its family's lock each time
+/// (docs/BENCHMARKS.md). It is the family's own counter, so `/metrics` shows one series either
+/// way.
 #[derive(Debug, Default)]
 pub struct OkCount(OnceLock<Counter>);
 

@@ -4,8 +4,7 @@
 //! tower's `LoadShed` over `ConcurrencyLimit` did this with a semaphore: a permit taken in
 //! `poll_ready` and given back through the semaphore's waiter lock, for waiters that load
 //! shedding never lets wait. One counter shared by the service's clones does it with two atomic
-//! operations on it per request; the request path went from 17,836 to 17,602 instructions
-//! (`docs/BENCHMARKS.md`).
+//! operations on it per request (`docs/BENCHMARKS.md` has the measurement).
 
 use std::future::Future;
 use std::pin::Pin;
