@@ -1,7 +1,8 @@
 //! Test harness: a real sandbox auth server, a real sandbox upstream and the gateway, all on
-//! `127.0.0.1:0`, plus a small HTTP client.
+//! `127.0.0.1:0`, plus a small HTTP client; [`raw`] writes and reads raw sockets.
 #![allow(dead_code)]
 
+pub mod raw;
 pub mod tls;
 
 use std::collections::BTreeMap;
