@@ -353,3 +353,37 @@ async fn shutdown_closes_connections_that_never_sent_a_byte_or_idle_between_requ
     assert_eq!(silent.read(&mut buf).await.unwrap_or(0), 0, "closed");
     assert_eq!(idle.read(&mut buf).await.unwrap_or(0), 0, "closed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_chunk_size_from_the_upstream_is_refused_and_its_connection_not_reused() {
+    // `0x5` is not a chunk size: read leniently it would be a last chunk of size 0, and the
+    // connection, with "hello…" still unread, would go back to the pool.
+    let (upstream, connections) = scripted_upstream(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    let h = Harness::with(Setup {
+        routes_before: format!(
+            "[[routes]]\npath_prefix = \"/scripted/\"\nupstream = \"http://{upstream}\"\ncredential = \"partner\"\n"
+        ),
+        ..Setup::default()
+    })
+    .await;
+    let client = client();
+    for i in 1..=2 {
+        let response = client.request(get(&h.url("/scripted/x"))).await;
+        let complete = match response {
+            Ok(response) => response.into_body().collect().await.is_ok(),
+            Err(_) => false,
+        };
+        assert!(
+            !complete,
+            "request {i}: a body framed wrongly is cut off, not ended"
+        );
+        assert_eq!(
+            connections.load(std::sync::atomic::Ordering::SeqCst),
+            i,
+            "request {i}: the refused connection was not reused"
+        );
+    }
+}
