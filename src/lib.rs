@@ -33,12 +33,12 @@
 //!   [`observe`]: the IO wrapper it (and the tunnels' idle timeout) reads through.
 //! - [`ssrf`]: the SSRF guard (resolve, classify, dial what was checked) for egress tunnels.
 //! - [`sandbox`]: a real auth server and upstream for the demo and the tests; [`demo`].
-//! - [`alloc`]: the process's allocator (mimalloc, through its plain entry points).
+
+#![forbid(unsafe_code)]
 
 pub mod access;
 pub mod adapter;
 pub mod admin;
-pub mod alloc;
 pub mod auth;
 pub mod body;
 pub mod chunked;

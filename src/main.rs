@@ -10,28 +10,9 @@ use tokengate::config::{Config, ConfigError, ProcessEnv, SecretSource};
 use tokengate::error::Chain;
 use tokengate::{Gateway, demo};
 
-/// mimalloc: fewer instructions per request than glibc's malloc, through its plain entry
-/// points where they serve, with the small blocks a runtime thread frees kept for its next
-/// allocations (tokengate::alloc; docs/BENCHMARKS.md).
+/// mimalloc: fewer instructions per request than glibc's malloc (docs/BENCHMARKS.md).
 #[global_allocator]
-static ALLOCATOR: tokengate::alloc::Allocator = tokengate::alloc::Allocator;
-
-/// How long mimalloc keeps freed memory before it returns it to the OS, in milliseconds.
-/// mimalloc 3 waits 1 s, and purges only when it is next called, so memory freed just before
-/// the process goes quiet (idle connections hibernating) stays resident: 10,000 idle
-/// connections then show +107 MB instead of +83 MB. 100 ms costs no measurable CPU under load;
-/// 10 ms did (docs/BENCHMARKS.md). `MIMALLOC_PURGE_DELAY` still overrides it.
-const ALLOCATOR_PURGE_DELAY_MS: std::ffi::c_long = 100;
-
-/// `mi_option_purge_delay` in mimalloc.h's `mi_option_e` (libmimalloc-sys names no constant).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-fn tune_allocator() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: a plain option setter, called before any other thread exists.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, ALLOCATOR_PURGE_DELAY_MS) };
-    }
-}
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(
@@ -133,22 +114,17 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         _ => one_cpu,
     };
     if current {
-        // This thread runs the runtime, for as long as the process.
-        tokengate::alloc::cache_this_thread();
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
-            .on_thread_start(tokengate::alloc::cache_this_thread)
-            .on_thread_stop(tokengate::alloc::release_this_thread)
             .build()
     }
 }
 
 fn main() -> ExitCode {
-    tune_allocator();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let runtime = match runtime() {
