@@ -626,7 +626,7 @@ def main():
             warm-up as the first (--fresh-processes): one process carries about +-1% of CPU per
             request of its own (its memory layout), which rounds on new processes average out, but
             nginx a minute old costs about 2% more per request than a few minutes on, so this is
-            not the default (docs/BENCHMARKS.md, *Runs 35-40*)."""
+            not the default (docs/BENCHMARKS.md, *Method*)."""
             for name in proxies:
                 port, h2port, old, headers = targets[name]
                 procs.remove(old)
