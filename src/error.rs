@@ -86,6 +86,10 @@ pub enum ProxyError {
     /// The request is not acceptable.
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// The request's `Host` breaks RFC 9112 §3.2 (missing from HTTP/1.1, repeated, or invalid);
+    /// the connection is closed after the answer, as after any request that breaks the syntax.
+    #[error("bad request: {0}")]
+    BadHost(&'static str),
     /// A broken internal invariant; never expected.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -113,9 +117,10 @@ impl ProxyError {
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::ClientBody(_) | Self::BadRequest(_) | Self::AmbiguousFraming(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::ClientBody(_)
+            | Self::BadRequest(_)
+            | Self::BadHost(_)
+            | Self::AmbiguousFraming(_) => StatusCode::BAD_REQUEST,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -137,7 +142,10 @@ impl ProxyError {
             Self::Overloaded => "overloaded",
             Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::Forbidden(_) => "forbidden",
-            Self::ClientBody(_) | Self::BadRequest(_) | Self::AmbiguousFraming(_) => "bad_request",
+            Self::ClientBody(_)
+            | Self::BadRequest(_)
+            | Self::BadHost(_)
+            | Self::AmbiguousFraming(_) => "bad_request",
             Self::Internal(_) => "internal",
         }
     }
@@ -200,7 +208,7 @@ impl ProxyError {
         headers.insert(ERROR_HEADER, HeaderValue::from_static(kind));
         if matches!(
             self,
-            Self::AmbiguousFraming(_) | Self::HeadersTooLarge { .. }
+            Self::AmbiguousFraming(_) | Self::BadHost(_) | Self::HeadersTooLarge { .. }
         ) {
             headers.insert(CONNECTION, HeaderValue::from_static("close"));
         }

@@ -83,6 +83,7 @@ pub fn check_framing<B>(req: &Request<B>) -> Result<(), ProxyError> {
             });
         }
     }
+    check_host(req)?;
     let mut te = req.headers().get_all(header::TRANSFER_ENCODING).iter();
     match (te.next(), te.next()) {
         (None, _) => Ok(()),
@@ -90,6 +91,34 @@ pub fn check_framing<B>(req: &Request<B>) -> Result<(), ProxyError> {
         _ => Err(ProxyError::AmbiguousFraming(
             "Transfer-Encoding other than a single chunked",
         )),
+    }
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request carries exactly one `Host`, no HTTP/1 request carries
+/// two, and its value is `host[:port]` or empty. (HTTP/2 names the authority in
+/// `:authority`.)
+fn check_host<B>(req: &Request<B>) -> Result<(), ProxyError> {
+    if req.version() > http::Version::HTTP_11 {
+        return Ok(());
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Err(ProxyError::BadHost("more than one Host")),
+        (None, _) if req.version() == http::Version::HTTP_11 => {
+            Err(ProxyError::BadHost("an HTTP/1.1 request needs a Host"))
+        }
+        (None, _) => Ok(()),
+        (Some(host), None) => {
+            let value = host.as_bytes();
+            let valid = value.is_empty()
+                || (!value.contains(&b'@')
+                    && http::uri::Authority::try_from(value).is_ok_and(|a| !a.host().is_empty()));
+            if valid {
+                Ok(())
+            } else {
+                Err(ProxyError::BadHost("Host is not host[:port]"))
+            }
+        }
     }
 }
 
@@ -151,9 +180,43 @@ mod tests {
     }
 
     #[test]
+    fn an_http1_request_has_exactly_one_valid_host() {
+        let request = |version, hosts: &[&str]| {
+            let mut req = Request::builder().version(version).body(()).unwrap();
+            for host in hosts {
+                req.headers_mut()
+                    .append(header::HOST, host.parse().unwrap());
+            }
+            check_framing(&req).map_err(|e| (e.status().as_u16(), e.to_string()))
+        };
+        use http::Version;
+        for ok in [&["api.example.com"][..], &["a:8080"], &["[::1]:80"], &[""]] {
+            assert!(request(Version::HTTP_11, ok).is_ok(), "{ok:?}");
+        }
+        assert!(
+            request(Version::HTTP_10, &[]).is_ok(),
+            "HTTP/1.0 may leave it out"
+        );
+        assert!(request(Version::HTTP_2, &[]).is_ok(), ":authority instead");
+        for (version, hosts) in [
+            (Version::HTTP_11, &[][..]),
+            (Version::HTTP_11, &["a", "a"]),
+            (Version::HTTP_10, &["a", "b"]),
+            (Version::HTTP_11, &["user@a"]),
+            (Version::HTTP_11, &["a b"]),
+            (Version::HTTP_11, &[":80"]),
+        ] {
+            let (status, message) = request(version, hosts).unwrap_err();
+            assert_eq!(status, 400, "{version:?} {hosts:?}");
+            assert!(message.contains("Host"), "{message}");
+        }
+    }
+
+    #[test]
     fn framing_check_refuses_ambiguous_bodies() {
         let headers = |pairs: &[(&str, &str)]| {
             let mut req = Request::new(());
+            req.headers_mut().insert(header::HOST, "a".parse().unwrap());
             for (k, v) in pairs {
                 let name = HeaderName::try_from(*k).unwrap();
                 req.headers_mut().append(name, v.parse().unwrap());

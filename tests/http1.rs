@@ -387,3 +387,51 @@ async fn a_malformed_chunk_size_from_the_upstream_is_refused_and_its_connection_
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_requests_without_exactly_one_valid_host_get_400_and_the_connection_closes() {
+    let h = Harness::start().await;
+    let chunked = "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    for (why, request) in [
+        ("no Host", "GET /a HTTP/1.1\r\n\r\n".to_owned()),
+        (
+            "no Host, absolute form",
+            "GET http://api.example.com/a HTTP/1.1\r\n\r\n".into(),
+        ),
+        (
+            "two equal Hosts",
+            "GET /a HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n".into(),
+        ),
+        (
+            "two Hosts",
+            "GET /a HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n".into(),
+        ),
+        ("userinfo", "GET /a HTTP/1.1\r\nHost: user@a\r\n\r\n".into()),
+        // Chunked uploads are read by hyper, not by tokengate's own server side.
+        ("no Host, chunked", format!("POST /a HTTP/1.1\r\n{chunked}")),
+        (
+            "two Hosts, chunked",
+            format!("POST /a HTTP/1.1\r\nHost: a\r\nHost: b\r\n{chunked}"),
+        ),
+        (
+            "two Hosts, HTTP/1.0",
+            "GET /a HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n".into(),
+        ),
+    ] {
+        // raw_request reads until the proxy closes the connection.
+        let (status, answer) =
+            tokio::time::timeout(Duration::from_secs(10), raw_request(h.proxy, &request))
+                .await
+                .unwrap_or_else(|_| panic!("{why}: the connection was not closed"));
+        assert_eq!(status, 400, "{why}: {answer}");
+        assert!(
+            answer.contains("x-tokengate-error: bad_request"),
+            "{why}: {answer}"
+        );
+        assert!(answer.contains("host"), "{why}: {answer}");
+    }
+    assert_eq!(h.upstream.requests(), 0, "none was forwarded");
+    // HTTP/1.0 may leave Host out.
+    let (status, _) = raw_request(h.proxy, "GET /a HTTP/1.0\r\n\r\n").await;
+    assert_eq!(status, 200);
+}
