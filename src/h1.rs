@@ -390,6 +390,11 @@ fn parse_head(
             }
         }
         let has_te = chunked || other_coding;
+        // Differing lengths are refused whatever frames the body (a HEAD's or 304's length
+        // still describes one); a coding overrides any length, which is then dropped.
+        if lengths_differ && !has_te {
+            return Err(Error::Malformed("Content-Length"));
+        }
         let framing = if *method == Method::HEAD
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
@@ -401,8 +406,6 @@ fn parse_head(
             Framing::Chunked
         } else if has_te {
             Framing::UntilClose
-        } else if lengths_differ {
-            return Err(Error::Malformed("Content-Length"));
         } else {
             match length {
                 Some(0) => Framing::Empty,
@@ -437,7 +440,22 @@ fn parse_head(
             if !keep {
                 continue;
             }
-            has_length |= field == Field::ContentLength;
+            if field == Field::ContentLength {
+                // One framing passed on: the first length line, and a list of equal values
+                // (`5, 5`) or repeated lines collapsed to that one value (RFC 9110 §8.6).
+                if has_length {
+                    continue;
+                }
+                has_length = true;
+                if let (Some(n), true) = (length, h.value.contains(&b',')) {
+                    lines.extend_from_slice(&buf[run]);
+                    run = 0..0;
+                    lines.extend_from_slice(b"Content-Length: ");
+                    lines.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                    lines.extend_from_slice(b"\r\n");
+                    continue;
+                }
+            }
             // The line as it came, from its name to the end of its value.
             let start = name.as_ptr() as usize - buf.as_ptr() as usize;
             let end = h.value.as_ptr() as usize - buf.as_ptr() as usize + h.value.len();
@@ -739,6 +757,39 @@ mod tests {
             wire.lines.is_empty() && !wire.has_length,
             "the coding frames the body"
         );
+    }
+
+    #[test]
+    fn a_response_passes_on_one_content_length() {
+        for (head, want) in [
+            (
+                &b"Content-Length: 2\r\nX: 1\r\nContent-Length: 2\r\n"[..],
+                &b"Content-Length: 2\r\nX: 1\r\n"[..],
+            ),
+            (
+                b"content-length: 2, 2\r\nX: 1\r\n",
+                b"Content-Length: 2\r\nX: 1\r\n",
+            ),
+            (
+                b"X: 0\r\ncontent-length: 2,2\r\nContent-Length: 2\r\nY: 1\r\n",
+                b"X: 0\r\nContent-Length: 2\r\nY: 1\r\n",
+            ),
+        ] {
+            let mut buf =
+                BytesMut::from(&[&b"HTTP/1.1 200 OK\r\n"[..], head, b"\r\nhi"].concat()[..]);
+            let (_, wire, framing, _) = parse_head(&mut buf, &Method::GET).unwrap().unwrap();
+            assert_eq!(framing, Framing::Length(2));
+            assert_eq!(&wire.lines[..], want, "{:?}", String::from_utf8_lossy(head));
+        }
+        for method in [Method::GET, Method::HEAD] {
+            let mut buf = BytesMut::from(
+                &b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n"[..],
+            );
+            assert!(
+                parse_head(&mut buf, &method).is_err(),
+                "{method}: differing lengths"
+            );
+        }
     }
 
     #[test]

@@ -435,3 +435,27 @@ async fn http1_requests_without_exactly_one_valid_host_get_400_and_the_connectio
     let (status, _) = raw_request(h.proxy, "GET /a HTTP/1.0\r\n\r\n").await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_with_repeated_equal_lengths_reaches_the_client_with_one() {
+    let (upstream, _) = scripted_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\nContent-Length: 5, 5\r\n\r\nhello",
+    )
+    .await;
+    let h = Harness::with(Setup {
+        routes_before: format!(
+            "[[routes]]\npath_prefix = \"/scripted/\"\nupstream = \"http://{upstream}\"\ncredential = \"partner\"\n"
+        ),
+        ..Setup::default()
+    })
+    .await;
+    let (status, answer) = raw_request(
+        h.proxy,
+        "GET /scripted/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer.matches("content-length").count(), 1, "{answer}");
+    assert!(answer.contains("content-length: 5\r\n"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\nhello"), "{answer}");
+}
