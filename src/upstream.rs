@@ -147,7 +147,8 @@ impl Service<Request<ProxyBody>> for Upstream {
                     Ok(guarded(response, body_idle))
                 }),
                 (parts, streaming) => {
-                    let req = Request::from_parts(parts, streaming);
+                    let mut req = Request::from_parts(parts, streaming);
+                    declare_unknown_length(&mut req);
                     Box::pin(async move {
                         let sent = pool.send_streaming(req);
                         let response = within(timeout, Instant::now(), sent, from_pool).await?;
@@ -157,6 +158,8 @@ impl Service<Request<ProxyBody>> for Upstream {
                 }
             },
             UpstreamClient::Tls(client) => Box::pin(async move {
+                let mut req = req;
+                declare_unknown_length(&mut req);
                 let again = whole_copy(&req);
                 let sent = client.request(req);
                 let response = within(timeout, Instant::now(), sent, |e| {
@@ -215,6 +218,19 @@ fn keep_for_replay(req: Request<ProxyBody>) {
 fn strip_hops<B>(mut response: http::Response<B>) -> http::Response<B> {
     crate::hop::strip(response.headers_mut());
     response
+}
+
+/// Says `Transfer-Encoding: chunked` on a request whose body streams with no known length:
+/// hyper's client sends no body at all for a GET, HEAD or CONNECT of unknown length unless the
+/// request says so itself, and a body the client sent is never dropped. (Over HTTP/2 hyper
+/// leaves the header out, as it must.)
+fn declare_unknown_length(req: &mut Request<ProxyBody>) {
+    use http::header::{CONTENT_LENGTH, HeaderValue, TRANSFER_ENCODING};
+    use http_body::Body;
+    if req.body().size_hint().exact().is_none() && !req.headers().contains_key(CONTENT_LENGTH) {
+        req.headers_mut()
+            .insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+    }
 }
 
 /// A copy of `req` for a replay, if its body is held whole (hyper's client consumes the

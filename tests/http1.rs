@@ -459,3 +459,32 @@ async fn a_response_with_repeated_equal_lengths_reaches_the_client_with_one() {
     assert!(answer.contains("content-length: 5\r\n"), "{answer}");
     assert!(answer.ends_with("\r\n\r\nhello"), "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_reaches_the_upstream_whatever_the_method() {
+    let h = Harness::start().await;
+    for (method, framing) in [
+        (
+            "GET",
+            "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ),
+        ("GET", "Content-Length: 5\r\n\r\nhello"),
+        (
+            "DELETE",
+            "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ),
+        ("OPTIONS", "Content-Length: 5\r\n\r\nhello"),
+    ] {
+        let (status, answer) = raw_request(
+            h.proxy,
+            &format!("{method} /echo HTTP/1.1\r\nHost: a\r\nConnection: close\r\n{framing}"),
+        )
+        .await;
+        assert_eq!(status, 200, "{method} {framing:?}: {answer}");
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+        assert!(
+            body.contains("\"body_bytes\":5"),
+            "{method} {framing:?}: the body was dropped: {body}"
+        );
+    }
+}
