@@ -488,3 +488,35 @@ async fn a_request_body_reaches_the_upstream_whatever_the_method() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_length_with_transfer_encoding_is_refused_after_any_body_hyper_accepts() {
+    // The first body has what hyper accepts and the framing watch used to give up on: an
+    // 8 KiB chunk extension and a zero-padded 20-digit size. The second request, on the same
+    // connection, carries both Content-Length and Transfer-Encoding.
+    let h = Harness::start().await;
+    let extension = "x".repeat(8 * 1024);
+    let first = format!(
+        "POST /first HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+         5;{extension}\r\nhello\r\n00000000000000000005\r\nworld\r\n0\r\n\r\n"
+    );
+    let second = "POST /second HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\
+                  Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n";
+    let (_, answer) = tokio::time::timeout(
+        Duration::from_secs(10),
+        raw_request(h.proxy, &format!("{first}{second}")),
+    )
+    .await
+    .expect("the proxy closes the connection");
+    let statuses: Vec<&str> = answer.split("http/1.1 ").skip(1).map(|r| &r[..3]).collect();
+    assert_eq!(statuses, ["200", "400"], "{answer}");
+    assert!(
+        answer.contains("x-tokengate-error: bad_request"),
+        "{answer}"
+    );
+    let log = h.upstream.log();
+    assert!(
+        log.iter().all(|seen| seen.target != "POST /second"),
+        "the ambiguous request never reached the upstream: {log:?}"
+    );
+}
