@@ -76,7 +76,8 @@ pub struct ServerConfig {
     /// upstream dial when the length is declared). Default 16 MiB.
     pub max_request_body: u64,
     /// The longest wait for the next piece of a body: a client's stalled upload gets 408
-    /// `client_timeout`; an upstream's stalled response is cut off. Default 30 s.
+    /// `client_timeout`; an upstream's stalled response is cut off; a plain HTTP/1 client that
+    /// stops reading its response is cut off. Default 30 s.
     #[serde(deserialize_with = "duration")]
     pub body_idle_timeout: Duration,
     /// The most client connections served at once; further ones wait in the accept queue.

@@ -110,6 +110,7 @@ where
     let mut stopping = stop.clone();
     let mut conn = Conn {
         io,
+        write_timeout: http.write_timeout,
         buf: BytesMut::new(),
         names: Names::default(),
         gathered: Vec::new(),
@@ -171,6 +172,9 @@ enum Next {
 /// A client connection between requests.
 struct Conn {
     io: TcpStream,
+    /// How long one write may wait for the client to take bytes before the connection is
+    /// closed (`server.body_idle_timeout`).
+    write_timeout: Duration,
     /// Bytes read and not yet parsed; no allocation while there are none.
     buf: BytesMut,
     /// The client's last header names.
@@ -292,7 +296,7 @@ impl Conn {
         );
         self.gathered.push(head.into());
         if framing == Framing::None {
-            flush(&mut self.io, &mut self.gathered).await?;
+            flush(&mut self.io, &mut self.gathered, self.write_timeout).await?;
             return Ok(!close);
         }
         let mut body = pin!(body);
@@ -304,7 +308,7 @@ impl Conn {
                 match std::future::poll_fn(|cx| Poll::Ready(next_frame(&mut body, cx))).await {
                     Poll::Ready(frame) => frame,
                     Poll::Pending => {
-                        flush(&mut self.io, &mut self.gathered).await?;
+                        flush(&mut self.io, &mut self.gathered, self.write_timeout).await?;
                         gathered = 0;
                         std::future::poll_fn(|cx| next_frame(&mut body, cx)).await
                     }
@@ -317,7 +321,7 @@ impl Conn {
                 },
                 Some(Err(error)) => {
                     tracing::debug!(%error, "response body failed; closing");
-                    flush(&mut self.io, &mut self.gathered).await?;
+                    flush(&mut self.io, &mut self.gathered, self.write_timeout).await?;
                     return Ok(false);
                 }
             };
@@ -326,7 +330,7 @@ impl Conn {
             match framing {
                 Framing::Length(n) if sent > n => {
                     tracing::debug!(declared = n, "response body longer than declared; closing");
-                    flush(&mut self.io, &mut self.gathered).await?;
+                    flush(&mut self.io, &mut self.gathered, self.write_timeout).await?;
                     return Ok(false);
                 }
                 Framing::Chunked => {
@@ -338,20 +342,20 @@ impl Conn {
                 _ => self.gathered.push(data),
             }
             if self.gathered.len() + 3 > MAX_SLICES || gathered >= MAX_GATHERED {
-                flush(&mut self.io, &mut self.gathered).await?;
+                flush(&mut self.io, &mut self.gathered, self.write_timeout).await?;
                 gathered = 0;
             }
         }
         match framing {
             Framing::Length(n) if sent < n => {
                 tracing::debug!(declared = n, sent, "response body ended short; closing");
-                flush(&mut self.io, &mut self.gathered).await?;
+                flush(&mut self.io, &mut self.gathered, self.write_timeout).await?;
                 return Ok(false);
             }
             Framing::Chunked => self.gathered.push(Bytes::from_static(b"0\r\n\r\n")),
             _ => {}
         }
-        flush(&mut self.io, &mut self.gathered).await?;
+        flush(&mut self.io, &mut self.gathered, self.write_timeout).await?;
         Ok(!close)
     }
 }
@@ -395,7 +399,9 @@ async fn fill(io: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
 }
 
 /// Writes everything in `gathered`, vectored, and empties it.
-async fn flush(io: &mut TcpStream, gathered: &mut Vec<Bytes>) -> io::Result<()> {
+/// Each write may wait at most `timeout` for the client to take bytes (a timer is armed only
+/// when the socket is full); a client that stops reading is cut off.
+async fn flush(io: &mut TcpStream, gathered: &mut Vec<Bytes>, timeout: Duration) -> io::Result<()> {
     let mut first = 0;
     while first < gathered.len() {
         let mut slices = [IoSlice::new(&[]); MAX_SLICES];
@@ -403,7 +409,13 @@ async fn flush(io: &mut TcpStream, gathered: &mut Vec<Bytes>) -> io::Result<()> 
         for (slice, bytes) in slices.iter_mut().zip(&gathered[first..]) {
             *slice = IoSlice::new(bytes);
         }
-        let mut n = io.write_vectored(&slices[..count]).await?;
+        let mut write = pin!(io.write_vectored(&slices[..count]));
+        let mut n = match std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+            Poll::Ready(written) => written?,
+            Poll::Pending => tokio::time::timeout(timeout, write).await.map_err(|_| {
+                io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading")
+            })??,
+        };
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }

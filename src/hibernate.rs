@@ -154,6 +154,9 @@ pub struct Http1 {
     pub idle_timeout: Duration,
     /// Counts the connections hibernating now.
     pub hibernating: Gauge,
+    /// How long a write to the client may wait for it to take bytes, on tokengate's own server
+    /// side.
+    pub write_timeout: Duration,
 }
 
 impl Http1 {

@@ -220,6 +220,7 @@ impl Http {
                 builder,
                 idle_timeout: server.header_read_timeout,
                 hibernating,
+                write_timeout: server.body_idle_timeout,
             }),
             auto,
             header_read_timeout: server.header_read_timeout,

@@ -390,3 +390,26 @@ credential = "partner"
     assert_eq!(headers["x-tokengate-error"], "upstream_unreachable");
     assert_eq!(json(&body)["kind"], "upstream_unreachable");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_at_body_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::with_server("body_idle_timeout = \"300ms\"").await;
+    const SIZE: usize = 64 * 1024 * 1024; // far more than the sockets' buffers hold
+    let mut stream = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
+    stream
+        .write_all(format!("GET /bytes/{SIZE} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    // Nothing is read for a while: the proxy's writes stall, and it gives up on the client.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut got))
+        .await
+        .expect("the proxy closed the connection");
+    assert!(
+        got.len() < SIZE,
+        "the response was cut off, not delivered whole ({} bytes)",
+        got.len()
+    );
+}
