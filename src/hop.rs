@@ -108,18 +108,39 @@ fn check_host<B>(req: &Request<B>) -> Result<(), ProxyError> {
             Err(ProxyError::BadHost("an HTTP/1.1 request needs a Host"))
         }
         (None, _) => Ok(()),
-        (Some(host), None) => {
-            let value = host.as_bytes();
-            let valid = value.is_empty()
-                || (!value.contains(&b'@')
-                    && http::uri::Authority::try_from(value).is_ok_and(|a| !a.host().is_empty()));
-            if valid {
-                Ok(())
-            } else {
-                Err(ProxyError::BadHost("Host is not host[:port]"))
-            }
-        }
+        (Some(host), None) if is_host_value(host.as_bytes()) => Ok(()),
+        (Some(_), None) => Err(ProxyError::BadHost("Host is not host[:port]")),
     }
+}
+
+/// Whether `value` is `uri-host [ ":" port ]` (RFC 3986 §3.2.2-3), or empty: a bracketed IP
+/// literal or a name of unreserved, percent-encoded and sub-delimiter bytes, then digits. Read
+/// byte by byte, without parsing it into a URI (that allocated, on every request).
+fn is_host_value(value: &[u8]) -> bool {
+    let name_byte = |b: u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b);
+    let (host, rest) = match value.first() {
+        None => return true,
+        Some(b'[') => match value.iter().position(|&b| b == b']') {
+            Some(end) => (&value[1..end], &value[end + 1..]),
+            None => return false,
+        },
+        Some(_) => match value.iter().position(|&b| b == b':') {
+            Some(colon) => (&value[..colon], &value[colon..]),
+            None => (value, &value[value.len()..]),
+        },
+    };
+    let host_ok = !host.is_empty()
+        && if value[0] == b'[' {
+            host.iter().all(|&b| b == b':' || name_byte(b))
+        } else {
+            host.iter().copied().all(name_byte)
+        };
+    let port_ok = match rest.split_first() {
+        None => true,
+        Some((b':', port)) => port.len() <= 5 && port.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    host_ok && port_ok
 }
 
 /// Removes hop-by-hop headers, those named in `Connection` (any case) and `Transfer-Encoding`
@@ -190,7 +211,15 @@ mod tests {
             check_framing(&req).map_err(|e| (e.status().as_u16(), e.to_string()))
         };
         use http::Version;
-        for ok in [&["api.example.com"][..], &["a:8080"], &["[::1]:80"], &[""]] {
+        for ok in [
+            &["api.example.com"][..],
+            &["a:8080"],
+            &["[::1]:80"],
+            &["[fe80::1%25eth0]"],
+            &["127.0.0.1"],
+            &["a:"],
+            &[""],
+        ] {
             assert!(request(Version::HTTP_11, ok).is_ok(), "{ok:?}");
         }
         assert!(
@@ -205,6 +234,11 @@ mod tests {
             (Version::HTTP_11, &["user@a"]),
             (Version::HTTP_11, &["a b"]),
             (Version::HTTP_11, &[":80"]),
+            (Version::HTTP_11, &["a:80:80"]),
+            (Version::HTTP_11, &["a:x"]),
+            (Version::HTTP_11, &["[::1"]),
+            (Version::HTTP_11, &["[::1]x"]),
+            (Version::HTTP_11, &["a/b"]),
         ] {
             let (status, message) = request(version, hosts).unwrap_err();
             assert_eq!(status, 400, "{version:?} {hosts:?}");
