@@ -11,17 +11,22 @@ pub const MAX_TRAILER_BYTES: usize = 16 * 1024;
 
 /// Where a chunked body is: hyper's decoder's states, byte for byte, so that the two agree on
 /// what they accept and on where a body ends.
+///
+/// It stays as small as the body state it sits in is moved often: the rare trailer section is
+/// boxed, and the counters are as wide as their limits.
 #[derive(Debug, Default)]
 pub struct Chunk {
     state: State,
+    /// Trailer lines read (at most [`crate::server::MAX_HEADERS`]).
+    trailer_lines: u8,
+    /// Extension bytes read in this body (below [`MAX_CHUNK_EXTENSIONS`]).
+    extensions: u16,
     /// The chunk size read so far, or the data left of the current chunk.
     size: u64,
-    /// Extension bytes read in this body.
-    extensions: usize,
-    /// The trailer section read so far (no allocation without trailers).
-    trailers: Vec<u8>,
-    /// Trailer lines read.
-    trailer_lines: usize,
+    /// The trailer section read so far (no allocation without trailers). Boxed: one pointer
+    /// in the state, not a vector's three.
+    #[allow(clippy::box_collection)]
+    trailers: Option<Box<Vec<u8>>>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -114,7 +119,7 @@ impl Chunk {
             (Extension, b'\n') => return Err(Refused),
             (Extension, _) => {
                 self.extensions += 1;
-                if self.extensions >= MAX_CHUNK_EXTENSIONS {
+                if usize::from(self.extensions) >= MAX_CHUNK_EXTENSIONS {
                     return Err(Refused);
                 }
                 Extension
@@ -139,7 +144,7 @@ impl Chunk {
                 if b == b'\r' { TrailerLf } else { Trailer }
             }
             (TrailerLf, b'\n') => {
-                if self.trailer_lines >= crate::server::MAX_HEADERS {
+                if usize::from(self.trailer_lines) >= crate::server::MAX_HEADERS {
                     return Err(Refused);
                 }
                 self.trailer_lines += 1;
@@ -156,14 +161,13 @@ impl Chunk {
 
     /// Keeps a byte of the trailer section (none are kept when it is just the final CRLF).
     fn keep_trailer(&mut self, b: u8) -> Result<(), Stop> {
-        if self.trailers.is_empty() && matches!(self.state, State::EndCr) && b == b'\r' {
+        let none_yet = self.trailers.is_none();
+        if none_yet && (self.state == State::EndLf || (self.state == State::EndCr && b == b'\r')) {
             return Ok(());
         }
-        if self.trailers.is_empty() && matches!(self.state, State::EndLf) {
-            return Ok(());
-        }
-        self.trailers.push(b);
-        if self.trailers.len() >= MAX_TRAILER_BYTES {
+        let trailers = self.trailers.get_or_insert_default();
+        trailers.push(b);
+        if trailers.len() >= MAX_TRAILER_BYTES {
             return Err(Refused);
         }
         Ok(())
@@ -172,11 +176,11 @@ impl Chunk {
     /// Whether the trailer section is field lines as hyper reads them (httparse, then valid
     /// names and values).
     fn trailers_parse(&self) -> bool {
-        if self.trailers.is_empty() {
+        let Some(trailers) = &self.trailers else {
             return true;
-        }
-        let mut fields = vec![httparse::EMPTY_HEADER; self.trailer_lines];
-        match httparse::parse_headers(&self.trailers, &mut fields) {
+        };
+        let mut fields = vec![httparse::EMPTY_HEADER; usize::from(self.trailer_lines)];
+        match httparse::parse_headers(trailers, &mut fields) {
             Ok(httparse::Status::Complete((_, fields))) => fields.iter().all(|f| {
                 http::HeaderName::from_bytes(f.name.as_bytes()).is_ok()
                     && http::HeaderValue::from_bytes(f.value).is_ok()
@@ -375,5 +379,14 @@ mod tests {
         serve.abort();
         let (_, body) = first?;
         Some((body?, second.is_some_and(|(path, _)| path == "/next")))
+    }
+
+    #[test]
+    fn stays_small() {
+        assert!(
+            std::mem::size_of::<Chunk>() <= 24,
+            "{}",
+            std::mem::size_of::<Chunk>()
+        );
     }
 }

@@ -117,7 +117,10 @@ fn check_host<B>(req: &Request<B>) -> Result<(), ProxyError> {
 /// literal or a name of unreserved, percent-encoded and sub-delimiter bytes, then digits. Read
 /// byte by byte, without parsing it into a URI (that allocated, on every request).
 fn is_host_value(value: &[u8]) -> bool {
-    let name_byte = |b: u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b);
+    let name_byte = |b: u8| {
+        matches!(b, b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'%'
+            | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'=')
+    };
     let (host, rest) = match value.first() {
         None => return true,
         Some(b'[') => match value.iter().position(|&b| b == b']') {
