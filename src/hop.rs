@@ -68,8 +68,9 @@ fn hop_index(name: &HeaderName) -> Option<usize> {
 /// `Transfer-Encoding`, it reads the body as chunked, drops `Content-Length` and closes the
 /// connection after the response (RFC 9112 §6.3); the [`crate::framing`] watch marks such a
 /// request and it is refused here. This check also refuses codings stacked before `chunked`
-/// (`gzip, chunked`), which an upstream might decode differently.
-pub fn check_framing<B>(req: &Request<B>) -> Result<(), ProxyError> {
+/// (`gzip, chunked`), which an upstream might decode differently, and a `Host` that breaks
+/// RFC 9112 §3.2. Returns the request's one `Host`, if it has one.
+pub fn check_framing<B>(req: &Request<B>) -> Result<Option<&HeaderValue>, ProxyError> {
     match Ctx::of(req).and_then(Ctx::refusal) {
         None => {}
         Some(Refusal::ConflictingFraming) => {
@@ -83,11 +84,11 @@ pub fn check_framing<B>(req: &Request<B>) -> Result<(), ProxyError> {
             });
         }
     }
-    check_host(req)?;
+    let host = check_host(req)?;
     let mut te = req.headers().get_all(header::TRANSFER_ENCODING).iter();
     match (te.next(), te.next()) {
-        (None, _) => Ok(()),
-        (Some(value), None) if value.as_bytes().eq_ignore_ascii_case(b"chunked") => Ok(()),
+        (None, _) => Ok(host),
+        (Some(value), None) if value.as_bytes().eq_ignore_ascii_case(b"chunked") => Ok(host),
         _ => Err(ProxyError::AmbiguousFraming(
             "Transfer-Encoding other than a single chunked",
         )),
@@ -96,10 +97,10 @@ pub fn check_framing<B>(req: &Request<B>) -> Result<(), ProxyError> {
 
 /// RFC 9112 §3.2: an HTTP/1.1 request carries exactly one `Host`, no HTTP/1 request carries
 /// two, and its value is `host[:port]` or empty. (HTTP/2 names the authority in
-/// `:authority`.)
-fn check_host<B>(req: &Request<B>) -> Result<(), ProxyError> {
+/// `:authority`.) Returns the `Host`, so that routing need not look it up again.
+fn check_host<B>(req: &Request<B>) -> Result<Option<&HeaderValue>, ProxyError> {
     if req.version() > http::Version::HTTP_11 {
-        return Ok(());
+        return Ok(req.headers().get(header::HOST));
     }
     let mut hosts = req.headers().get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
@@ -107,8 +108,8 @@ fn check_host<B>(req: &Request<B>) -> Result<(), ProxyError> {
         (None, _) if req.version() == http::Version::HTTP_11 => {
             Err(ProxyError::BadHost("an HTTP/1.1 request needs a Host"))
         }
-        (None, _) => Ok(()),
-        (Some(host), None) if is_host_value(host.as_bytes()) => Ok(()),
+        (None, _) => Ok(None),
+        (Some(host), None) if is_host_value(host.as_bytes()) => Ok(Some(host)),
         (Some(_), None) => Err(ProxyError::BadHost("Host is not host[:port]")),
     }
 }
@@ -211,7 +212,9 @@ mod tests {
                 req.headers_mut()
                     .append(header::HOST, host.parse().unwrap());
             }
-            check_framing(&req).map_err(|e| (e.status().as_u16(), e.to_string()))
+            check_framing(&req)
+                .map(|host| host.cloned())
+                .map_err(|e| (e.status().as_u16(), e.to_string()))
         };
         use http::Version;
         for ok in [

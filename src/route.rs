@@ -242,7 +242,7 @@ pub fn route_request<B>(routes: &Routes, req: &mut Request<B>) -> Result<(), Pro
     if req.method() == Method::CONNECT || req.method() == Method::TRACE {
         return Err(ProxyError::MethodNotAllowed(req.method().clone()));
     }
-    crate::hop::check_framing(req)?;
+    let host_header = crate::hop::check_framing(req)?;
     let ctx = Ctx::of(req)
         .ok_or(ProxyError::Internal("request without a context"))?
         .clone();
@@ -251,7 +251,7 @@ pub fn route_request<B>(routes: &Routes, req: &mut Request<B>) -> Result<(), Pro
     let absolute_form = req.version() < Version::HTTP_2 && req.uri().scheme().is_some();
     let host = match req.uri().authority() {
         Some(a) => Some(a.as_str()),
-        None => req.headers().get(HOST).and_then(|h| h.to_str().ok()),
+        None => host_header.and_then(|h| h.to_str().ok()),
     };
     let path = req.uri().path();
     let route = routes
