@@ -358,16 +358,9 @@ async fn shutdown_closes_connections_that_never_sent_a_byte_or_idle_between_requ
 async fn a_malformed_chunk_size_from_the_upstream_is_refused_and_its_connection_not_reused() {
     // `0x5` is not a chunk size: read leniently it would be a last chunk of size 0, and the
     // connection, with "hello…" still unread, would go back to the pool.
-    let (upstream, connections) = scripted_upstream(
+    let (h, connections) = through_scripted_upstream(
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
     )
-    .await;
-    let h = Harness::with(Setup {
-        routes_before: format!(
-            "[[routes]]\npath_prefix = \"/scripted/\"\nupstream = \"http://{upstream}\"\ncredential = \"partner\"\n"
-        ),
-        ..Setup::default()
-    })
     .await;
     let client = client();
     for i in 1..=2 {
@@ -438,16 +431,9 @@ async fn http1_requests_without_exactly_one_valid_host_get_400_and_the_connectio
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_with_repeated_equal_lengths_reaches_the_client_with_one() {
-    let (upstream, _) = scripted_upstream(
+    let (h, _) = through_scripted_upstream(
         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\nContent-Length: 5, 5\r\n\r\nhello",
     )
-    .await;
-    let h = Harness::with(Setup {
-        routes_before: format!(
-            "[[routes]]\npath_prefix = \"/scripted/\"\nupstream = \"http://{upstream}\"\ncredential = \"partner\"\n"
-        ),
-        ..Setup::default()
-    })
     .await;
     let (status, answer) = raw_request(
         h.proxy,
@@ -519,4 +505,20 @@ async fn content_length_with_transfer_encoding_is_refused_after_any_body_hyper_a
         log.iter().all(|seen| seen.target != "POST /second"),
         "the ambiguous request never reached the upstream: {log:?}"
     );
+}
+
+/// A harness whose route `/scripted/` leads to [`scripted_upstream`] answering `response`; the
+/// upstream's count of accepted connections comes with it.
+async fn through_scripted_upstream(
+    response: &'static [u8],
+) -> (Harness, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let (upstream, connections) = scripted_upstream(response).await;
+    let h = Harness::with(Setup {
+        routes_before: format!(
+            "[[routes]]\npath_prefix = \"/scripted/\"\nupstream = \"http://{upstream}\"\ncredential = \"partner\"\n"
+        ),
+        ..Setup::default()
+    })
+    .await;
+    (h, connections)
 }
