@@ -7,7 +7,8 @@
 //! backoff through an outage, so readiness never waits on a request that cannot arrive.
 //!
 //! In front of moka sits a lock-free snapshot of the current token ([`TokenSource::warm`]): the
-//! request path reads it with one atomic load, far cheaper than a moka `get` (`docs/BENCHMARKS.md`). moka stays the one place tokens are made: every insert into it also
+//! request path reads it with one atomic load, far cheaper than a moka `get`
+//! (`docs/BENCHMARKS.md`). moka stays the one place tokens are made: every insert into it also
 //! sets the snapshot, and every removal clears it (a 401's only if it names the same token).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -267,14 +268,7 @@ impl TokenSource {
 
     /// What readiness sees of this credential now.
     pub fn readiness(&self) -> Readiness {
-        let now = Instant::now();
-        let usable = self
-            .inner
-            .current
-            .load()
-            .as_ref()
-            .is_some_and(|t| now < t.usable_until());
-        if usable {
+        if self.inner.usable(Instant::now()).is_some() {
             Readiness::Ready
         } else if self.inner.settled.load(Ordering::Relaxed) {
             Readiness::Failing
@@ -365,6 +359,30 @@ impl Inner {
         self.wake.notify_one();
     }
 
+    /// Renews `token` if the backoff lets an exchange run at `now`; the pause before the next
+    /// attempt, if there is to be one (`None` once a fresh token is installed).
+    async fn renew(&self, token: &Token, now: Instant) -> Option<Duration> {
+        if let Err(wait) = self.backoff.check(now) {
+            return Some(wait.retry_after);
+        }
+        match self.exchange().await {
+            Ok(fresh) => {
+                let fresh = Arc::new(fresh);
+                self.cache.insert((), fresh.clone()).await;
+                self.current.store(Some(fresh));
+                None
+            }
+            Err(_) => {
+                let wait = self.backoff.check(Instant::now()).err();
+                let wait = wait.map_or(KEEPER_MIN_PAUSE, |b| b.retry_after);
+                if Instant::now() + wait >= token.usable_until() {
+                    tracing::warn!(credential = %self.name, "renewal failed; the token lapses");
+                }
+                Some(wait)
+            }
+        }
+    }
+
     /// The current token, if it is usable at `now`.
     fn usable(&self, now: Instant) -> Option<Arc<Token>> {
         self.current
@@ -406,25 +424,8 @@ async fn keep(source: Weak<Inner>, wake: Arc<Notify>, delay: Duration) {
                 plan = Some((token.generation(), at));
                 if now < at {
                     Some(at - now)
-                } else if let Err(wait) = inner.backoff.check(now) {
-                    Some(wait.retry_after)
                 } else {
-                    match inner.exchange().await {
-                        Ok(fresh) => {
-                            let fresh = Arc::new(fresh);
-                            inner.cache.insert((), fresh.clone()).await;
-                            inner.current.store(Some(fresh));
-                            None
-                        }
-                        Err(_) => {
-                            let wait = inner.backoff.check(Instant::now()).err();
-                            let wait = wait.map_or(KEEPER_MIN_PAUSE, |b| b.retry_after);
-                            if Instant::now() + wait >= token.usable_until() {
-                                tracing::warn!(credential = %inner.name, "renewal failed; the token lapses");
-                            }
-                            Some(wait)
-                        }
-                    }
+                    inner.renew(&token, now).await
                 }
             }
             None if !inner.kept_warm.load(Ordering::Relaxed) => return,

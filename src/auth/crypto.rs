@@ -1,5 +1,5 @@
-//! The exchange's cryptography (docs/PROTOCOL.md): AES-256-GCM `cipherText` in both layouts, and the
-//! request signature.
+//! The exchange's cryptography (docs/PROTOCOL.md): AES-256-GCM `cipherText` in both layouts,
+//! and the request signature.
 
 use aes_gcm::aead::AeadInPlace;
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};

@@ -1,4 +1,5 @@
-//! One token exchange (`POST /v2/auth`, docs/PROTOCOL.md): encrypt, sign, send, read the coded reply.
+//! One token exchange (`POST /v2/auth`, docs/PROTOCOL.md): encrypt, sign, send, read the coded
+//! reply.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

@@ -1,4 +1,5 @@
-//! A bearer token and its lifetime: the earlier of `expiresIn` and the JWT's `exp` (docs/PROTOCOL.md).
+//! A bearer token and its lifetime: the earlier of `expiresIn` and the JWT's `exp`
+//! (docs/PROTOCOL.md).
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
