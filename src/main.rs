@@ -215,13 +215,16 @@ async fn sandbox(server: SandboxServer) -> Result<(), String> {
 async fn run(path: &Path) -> Result<(), String> {
     use tokio::signal::unix::{SignalKind, signal};
     let gateway = load(path).map_err(|e| e.to_string())?;
-    for warning in gateway
-        .snapshot()
-        .config
-        .warnings(&path.display().to_string())
-    {
-        tracing::warn!(%warning, "configuration warning");
-    }
+    let warn = |gateway: &Gateway| {
+        for warning in gateway
+            .snapshot()
+            .config
+            .warnings(&path.display().to_string())
+        {
+            tracing::warn!(%warning, "configuration warning");
+        }
+    };
+    warn(&gateway);
     let running = gateway
         .start()
         .await
@@ -235,8 +238,11 @@ async fn run(path: &Path) -> Result<(), String> {
     loop {
         tokio::select! {
             _ = hangup.recv() => {
-                if let Err(error) = gateway.reload_from(path, &ProcessEnv) {
-                    tracing::error!(%error, "reload refused; the running configuration keeps serving");
+                match gateway.reload_from(path, &ProcessEnv) {
+                    Ok(()) => warn(&gateway),
+                    Err(error) => {
+                        tracing::error!(%error, "reload refused; the running configuration keeps serving");
+                    }
                 }
             }
             _ = terminate.recv() => break,
