@@ -296,7 +296,7 @@ impl Conn {
         );
         self.gathered.push(head.into());
         if framing == Framing::None {
-            flush(&mut self.io, &mut self.gathered, self.write_timeout).await?;
+            self.flush().await?;
             return Ok(!close);
         }
         let mut body = pin!(body);
@@ -308,7 +308,7 @@ impl Conn {
                 match std::future::poll_fn(|cx| Poll::Ready(next_frame(&mut body, cx))).await {
                     Poll::Ready(frame) => frame,
                     Poll::Pending => {
-                        flush(&mut self.io, &mut self.gathered, self.write_timeout).await?;
+                        self.flush().await?;
                         gathered = 0;
                         std::future::poll_fn(|cx| next_frame(&mut body, cx)).await
                     }
@@ -321,7 +321,7 @@ impl Conn {
                 },
                 Some(Err(error)) => {
                     tracing::debug!(%error, "response body failed; closing");
-                    flush(&mut self.io, &mut self.gathered, self.write_timeout).await?;
+                    self.flush().await?;
                     return Ok(false);
                 }
             };
@@ -330,7 +330,7 @@ impl Conn {
             match framing {
                 Framing::Length(n) if sent > n => {
                     tracing::debug!(declared = n, "response body longer than declared; closing");
-                    flush(&mut self.io, &mut self.gathered, self.write_timeout).await?;
+                    self.flush().await?;
                     return Ok(false);
                 }
                 Framing::Chunked => {
@@ -342,20 +342,20 @@ impl Conn {
                 _ => self.gathered.push(data),
             }
             if self.gathered.len() + 3 > MAX_SLICES || gathered >= MAX_GATHERED {
-                flush(&mut self.io, &mut self.gathered, self.write_timeout).await?;
+                self.flush().await?;
                 gathered = 0;
             }
         }
         match framing {
             Framing::Length(n) if sent < n => {
                 tracing::debug!(declared = n, sent, "response body ended short; closing");
-                flush(&mut self.io, &mut self.gathered, self.write_timeout).await?;
+                self.flush().await?;
                 return Ok(false);
             }
             Framing::Chunked => self.gathered.push(Bytes::from_static(b"0\r\n\r\n")),
             _ => {}
         }
-        flush(&mut self.io, &mut self.gathered, self.write_timeout).await?;
+        self.flush().await?;
         Ok(!close)
     }
 }
@@ -398,40 +398,46 @@ async fn fill(io: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
     std::future::poll_fn(|cx| tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf)).await
 }
 
-/// Writes everything in `gathered`, vectored, and empties it.
-/// Each write may wait at most `timeout` for the client to take bytes (a timer is armed only
-/// when the socket is full); a client that stops reading is cut off.
-async fn flush(io: &mut TcpStream, gathered: &mut Vec<Bytes>, timeout: Duration) -> io::Result<()> {
-    let mut first = 0;
-    while first < gathered.len() {
-        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-        let count = (gathered.len() - first).min(MAX_SLICES);
-        for (slice, bytes) in slices.iter_mut().zip(&gathered[first..]) {
-            *slice = IoSlice::new(bytes);
-        }
-        let mut write = pin!(io.write_vectored(&slices[..count]));
-        let mut n = match std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
-            Poll::Ready(written) => written?,
-            Poll::Pending => tokio::time::timeout(timeout, write).await.map_err(|_| {
-                io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading")
-            })??,
-        };
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        while n > 0 {
-            let bytes = &mut gathered[first];
-            if n >= bytes.len() {
-                n -= bytes.len();
-                first += 1;
-            } else {
-                bytes.advance(n);
-                n = 0;
+impl Conn {
+    /// Writes everything gathered, vectored, and empties it. Each write may wait at most
+    /// `write_timeout` for the client to take bytes (a timer is armed only when the socket is
+    /// full); a client that stops reading is cut off.
+    async fn flush(&mut self) -> io::Result<()> {
+        let gathered = &mut self.gathered;
+        let mut first = 0;
+        while first < gathered.len() {
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let count = (gathered.len() - first).min(MAX_SLICES);
+            for (slice, bytes) in slices.iter_mut().zip(&gathered[first..]) {
+                *slice = IoSlice::new(bytes);
+            }
+            let mut write = pin!(self.io.write_vectored(&slices[..count]));
+            let mut n = match std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await
+            {
+                Poll::Ready(written) => written?,
+                Poll::Pending => tokio::time::timeout(self.write_timeout, write)
+                    .await
+                    .map_err(|_| {
+                        io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading")
+                    })??,
+            };
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            while n > 0 {
+                let bytes = &mut gathered[first];
+                if n >= bytes.len() {
+                    n -= bytes.len();
+                    first += 1;
+                } else {
+                    bytes.advance(n);
+                    n = 0;
+                }
             }
         }
+        gathered.clear();
+        Ok(())
     }
-    gathered.clear();
-    Ok(())
 }
 
 /// How a response body is sent.
