@@ -326,6 +326,19 @@ enum Framing {
     UntilClose,
 }
 
+/// What the upstream client makes of a response head at the start of `head` (for the fuzz
+/// target): `Ok(None)` while more bytes are needed; else the status, the bytes taken (1xx heads
+/// included), and the header lines passed on.
+#[doc(hidden)]
+pub fn read_response_head(
+    head: &[u8],
+    method: &Method,
+) -> Result<Option<(StatusCode, usize, Bytes)>, Error> {
+    let mut buf = BytesMut::from(head);
+    Ok(parse_head(&mut buf, method)?
+        .map(|(parts, wire, _, _)| (parts.status, head.len() - buf.len(), wire.lines)))
+}
+
 /// Parses a complete response head at the start of `buf` (skipping informational responses),
 /// taking it out of `buf`; `None` if more bytes are needed. Hop-by-hop headers and those
 /// `Connection` names are left out.
