@@ -535,6 +535,21 @@ enum Parsed {
     Hyper,
 }
 
+/// What tokengate's own server side makes of the bytes at the start of `head` (for the fuzz
+/// target): `Some((method, target, taken))` for a request it serves, `taken` being its head
+/// and body; `None` for one it needs more bytes for or leaves to hyper.
+#[doc(hidden)]
+pub fn read_request_head(head: &[u8]) -> Option<(Method, Uri, usize)> {
+    let mut buf = BytesMut::from(head);
+    match parse(&mut buf, &mut Names::default()) {
+        Parsed::Request(req, _) => {
+            let taken = head.len() - buf.len();
+            Some((req.method().clone(), req.uri().clone(), taken))
+        }
+        Parsed::Partial | Parsed::Hyper => None,
+    }
+}
+
 /// Parses the request at the start of `buf`, with its body if that is all there; see
 /// [`Parsed`].
 fn parse(buf: &mut BytesMut, names: &mut Names) -> Parsed {
