@@ -3,7 +3,6 @@
 //! `GET /admin/credentials` (state, expiry, age, last error and logUUID; never a token),
 //! `POST /admin/credentials/NAME/refresh` and `/invalidate`.
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
@@ -70,7 +69,7 @@ async fn handle(req: Request<ClientBody>, live: &Live, metrics: &Metrics) -> Pro
                 return not_found(path);
             };
             let Some(source) = credentials.get(name) else {
-                return no_such_credential(name, credentials);
+                return no_such_credential(name, live);
             };
             match action {
                 "refresh" => match source.refresh().await {
@@ -162,15 +161,15 @@ fn not_found(path: &str) -> ProxyResponse {
     )
 }
 
-fn no_such_credential(name: &str, credentials: &BTreeMap<String, TokenSource>) -> ProxyResponse {
-    let known: Vec<&str> = credentials.keys().map(String::as_str).collect();
+fn no_such_credential(name: &str, live: &Live) -> ProxyResponse {
+    let known: Vec<&str> = live.credentials.keys().map(String::as_str).collect();
     json_response(
         StatusCode::NOT_FOUND,
         json!({
             "kind": "not_found",
             "message": format!(
                 "no credential `{name}`; configured: {}",
-                if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                live.config.credential_names()
             ),
             "credential": name,
             "known": known,

@@ -487,11 +487,25 @@ impl Config {
         }
     }
 
+    /// Whether some route uses credential `name`.
+    pub fn is_routed(&self, name: &str) -> bool {
+        self.routes.iter().any(|r| r.credential == name)
+    }
+
+    /// The defined credentials' names, for messages: `a, b`, or `none`.
+    pub fn credential_names(&self) -> String {
+        if self.credentials.is_empty() {
+            return "none".into();
+        }
+        let names: Vec<&str> = self.credentials.keys().map(String::as_str).collect();
+        names.join(", ")
+    }
+
     /// What `check` and `run` warn about but accept: each credential no route uses.
     pub fn warnings(&self, file: &str) -> Vec<String> {
         self.credentials
             .keys()
-            .filter(|name| !self.routes.iter().any(|r| &r.credential == *name))
+            .filter(|name| !self.is_routed(name))
             .map(|name| {
                 format!(
                     "{file}: credentials.{name}: no route uses this credential, so its token is \
@@ -632,17 +646,12 @@ impl Config {
         }
         for (i, r) in self.routes.iter().enumerate() {
             if !self.credentials.contains_key(&r.credential) {
-                let known: Vec<&str> = self.credentials.keys().map(String::as_str).collect();
                 return Err(err(
                     format!("routes[{i}].credential"),
                     format!(
                         "unknown credential `{}` (defined: {})",
                         r.credential,
-                        if known.is_empty() {
-                            "none".into()
-                        } else {
-                            known.join(", ")
-                        }
+                        self.credential_names()
                     ),
                 ));
             }

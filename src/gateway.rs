@@ -44,7 +44,7 @@ impl Live {
     pub fn routed_credentials(&self) -> impl Iterator<Item = (&String, &TokenSource)> {
         self.credentials
             .iter()
-            .filter(|(name, _)| self.config.routes.iter().any(|r| &r.credential == *name))
+            .filter(|(name, _)| self.config.is_routed(name))
     }
 }
 
@@ -182,11 +182,10 @@ impl std::fmt::Debug for Gateway {
 /// Starts the keepers of `live`'s routed credentials, spread over [`WARMUP_WINDOW`] (a keeper
 /// already running keeps its pace), and lets the others' keepers end with their token.
 fn keep_warm(live: &Live) {
-    let routed: Vec<&String> = live.routed_credentials().map(|(name, _)| name).collect();
-    let step = warmup_step(routed.len());
+    let step = warmup_step(live.routed_credentials().count());
     let mut delay = Duration::ZERO;
     for (name, source) in &live.credentials {
-        if routed.contains(&name) {
+        if live.config.is_routed(name) {
             source.keep_warm(delay);
             delay += step;
         } else {

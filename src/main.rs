@@ -306,16 +306,10 @@ fn check(path: &Path) -> Result<(), String> {
 async fn token(path: &Path, name: &str, show: bool) -> Result<(), String> {
     let gateway = load(path).map_err(|e| e.to_string())?;
     let source = gateway.credential(name).ok_or_else(|| {
-        let snapshot = gateway.snapshot();
-        let known: Vec<&str> = snapshot.credentials.keys().map(String::as_str).collect();
         format!(
             "{}: credentials.{name}: no such credential (defined: {})",
             path.display(),
-            if known.is_empty() {
-                "none".into()
-            } else {
-                known.join(", ")
-            }
+            gateway.snapshot().config.credential_names()
         )
     })?;
     let auth_url = &gateway.snapshot().config.credentials[name].auth_url.0;
