@@ -88,7 +88,7 @@ fn hot_path(c: &mut Criterion) {
                     .header("host", "shop.example.com")
                     .body(())
                     .unwrap();
-                req.extensions_mut().insert(Ctx::new(None, None));
+                req.extensions_mut().insert(Ctx::new(None));
                 req
             },
             |mut req| route_request(black_box(&live.routes), &mut req).unwrap(),

@@ -100,7 +100,7 @@ mod tests {
     fn request(peer: &str, key: Option<&str>) -> Request<()> {
         let mut req = Request::new(());
         req.extensions_mut()
-            .insert(Ctx::new(Some(peer.parse().unwrap()), None));
+            .insert(Ctx::new(Some(peer.parse().unwrap())));
         if let Some(k) = key {
             req.headers_mut()
                 .insert("x-tokengate-key", k.parse().unwrap());

@@ -16,7 +16,7 @@ use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
 use crate::error::ProxyError;
-use crate::h1::WireHead;
+use crate::http1::{CarriesHead, RequestBody, WireHead};
 
 /// Which peer a streamed body comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,49 +44,59 @@ pub enum BodyError {
         /// The idle timeout.
         after: Duration,
     },
-    /// The connection failed.
+    /// The connection failed (through hyper).
     #[error("body transport failed")]
     Transport(#[source] hyper::Error),
+    /// An HTTP/1 client's body broke off or was malformed.
+    #[error("client body failed")]
+    Client(#[source] crate::http1::request_body::BodyReadError),
     /// The upstream's response body broke off or was malformed.
     #[error("upstream body failed")]
-    Upstream(#[source] crate::h1::Error),
+    Upstream(#[source] crate::http1::client::Error),
 }
 
-/// A request body as a client connection hands it over: hyper's, or one tokengate's own
-/// HTTP/1.1 server side ([`crate::front`]) found whole in its read buffer.
+/// A request body as a client connection hands it over: from tokengate's own HTTP/1 server
+/// side ([`crate::http1`]), or from hyper (HTTP/2 clients, and the sandbox's servers).
 #[derive(Debug)]
 pub enum ClientBody {
+    /// From an HTTP/1 client.
+    Http1(RequestBody),
     /// Streaming through hyper.
     Hyper(Incoming),
-    /// Read whole with the head (`None`: no body).
-    Whole(Option<Bytes>),
+}
+
+impl ClientBody {
+    /// A body held whole (`None`: no body), as an HTTP/1 client's that arrived with its head.
+    pub fn whole(bytes: Option<Bytes>) -> Self {
+        Self::Http1(RequestBody::Whole(bytes))
+    }
 }
 
 impl Body for ClientBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            Self::Hyper(body) => Pin::new(body).poll_frame(cx),
-            Self::Whole(bytes) => Poll::Ready(whole_frame(bytes)),
+            Self::Http1(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::Client),
+            Self::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::Transport),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
+            Self::Http1(body) => body.is_end_stream(),
             Self::Hyper(body) => body.is_end_stream(),
-            Self::Whole(bytes) => bytes.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
+            Self::Http1(body) => body.size_hint(),
             Self::Hyper(body) => body.size_hint(),
-            Self::Whole(bytes) => whole_hint(bytes),
         }
     }
 }
@@ -156,16 +166,6 @@ impl Body for ProxyBody {
     }
 }
 
-/// A response body that may carry its head in wire form ([`WireHead`]): tokengate's own
-/// upstream client leaves the upstream's header lines there, for [`crate::front`] to send on as
-/// they are. Whatever else serves a response makes them headers first ([`with_headers`]).
-pub trait CarriesHead {
-    /// Takes the head, if the body carries one.
-    fn take_wire_head(&mut self) -> Option<WireHead> {
-        None
-    }
-}
-
 impl CarriesHead for ProxyBody {
     fn take_wire_head(&mut self) -> Option<WireHead> {
         match self {
@@ -178,24 +178,16 @@ impl CarriesHead for ProxyBody {
     }
 }
 
-impl<D, E> CarriesHead for http_body_util::combinators::BoxBody<D, E> {}
-
-/// `response` with the head its body carries (if any) among its headers.
-pub fn with_headers<B: CarriesHead>(mut response: Response<B>) -> Response<B> {
-    if let Some(wire) = response.body_mut().take_wire_head() {
-        wire.append_to(response.headers_mut());
-    }
-    response
-}
-
-/// A body streaming from a peer: hyper's (a client's request body, or a response through
-/// hyper's client), or a response read by tokengate's own upstream client ([`crate::h1`]).
+/// A body streaming from a peer: a client's request body, or a response through hyper's client
+/// or tokengate's own upstream client ([`crate::http1::client`]).
 #[derive(Debug)]
 pub enum PeerBody {
     /// Through hyper.
     Hyper(Incoming),
-    /// Through [`crate::h1`].
-    H1(crate::h1::Body),
+    /// A client's request body.
+    Client(ClientBody),
+    /// Through [`crate::http1::client`].
+    H1(crate::http1::client::Body),
     /// Read whole by [`crate::front`], but past `max_replay_body`: sent on as it would have
     /// streamed, and not replayed.
     Whole(Option<Bytes>),
@@ -211,6 +203,7 @@ impl Body for PeerBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             Self::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::Transport),
+            Self::Client(body) => Pin::new(body).poll_frame(cx),
             Self::H1(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::Upstream),
             Self::Whole(bytes) => Poll::Ready(whole_frame(bytes)),
         }
@@ -219,6 +212,7 @@ impl Body for PeerBody {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Hyper(body) => body.is_end_stream(),
+            Self::Client(body) => body.is_end_stream(),
             Self::H1(body) => body.is_end_stream(),
             Self::Whole(bytes) => bytes.is_none(),
         }
@@ -227,6 +221,7 @@ impl Body for PeerBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Hyper(body) => body.size_hint(),
+            Self::Client(body) => body.size_hint(),
             Self::H1(body) => body.size_hint(),
             Self::Whole(bytes) => whole_hint(bytes),
         }
@@ -386,7 +381,7 @@ where
         let body = match body {
             // Read whole with its head: nothing to wait for, and replayable as it is if it is
             // within max_replay_body.
-            ClientBody::Whole(bytes)
+            ClientBody::Http1(RequestBody::Whole(bytes))
                 if bytes
                     .as_ref()
                     .is_none_or(|b| b.len() as u64 <= limits.max_replay_body) =>
@@ -394,7 +389,7 @@ where
                 let request = Request::from_parts(parts, ProxyBody::Full(bytes));
                 return Either::Left(self.inner.call(request));
             }
-            ClientBody::Whole(bytes) => {
+            ClientBody::Http1(RequestBody::Whole(bytes)) => {
                 let body = Guarded::new(
                     PeerBody::Whole(bytes),
                     Side::Client,
@@ -404,18 +399,18 @@ where
                 let request = Request::from_parts(parts, ProxyBody::Streaming(body));
                 return Either::Left(self.inner.call(request));
             }
-            ClientBody::Hyper(body) if body.is_end_stream() => {
+            body if body.is_end_stream() => {
                 let request = Request::from_parts(parts, ProxyBody::Full(None));
                 return Either::Left(self.inner.call(request));
             }
-            ClientBody::Hyper(body) => body,
+            body => body,
         };
         let replayable = body
             .size_hint()
             .exact()
             .is_some_and(|len| len <= limits.max_replay_body);
         let body = Guarded::new(
-            PeerBody::Hyper(body),
+            PeerBody::Client(body),
             Side::Client,
             limits.max_request_body,
             limits.idle_timeout,

@@ -1,6 +1,6 @@
 //! What the layers of the request path tell each other about one request: one shared value,
 //! [`Ctx`], the only extension a request carries. The accept loop creates it (client address,
-//! the framing watch's verdict, the clock reading the request's layers share); the route filter
+//! the clock reading the request's layers share); the route filter
 //! records the route; bearer injection records the token it sent; the upstream layer leaves a
 //! request answered 401 for the retry layer, which marks the replay; the observing layer reads
 //! it all back for metrics and the access log once the response is out.
@@ -13,7 +13,6 @@ use std::time::Instant;
 use http::Request;
 
 use crate::body::ProxyBody;
-use crate::framing::Refusal;
 use crate::route::RouteCtx;
 
 /// No token was injected.
@@ -27,7 +26,6 @@ pub struct Ctx(Arc<Inner>);
 struct Inner {
     peer: Option<SocketAddr>,
     arrived: Instant,
-    refusal: Option<Refusal>,
     route: OnceLock<RouteCtx>,
     token: AtomicU64,
     unanswered: Mutex<Option<Box<Request<ProxyBody>>>>,
@@ -35,13 +33,11 @@ struct Inner {
 }
 
 impl Ctx {
-    /// The context of a request from `peer` (if known), refused by the framing watch for
-    /// `refusal` (if it was), arriving now.
-    pub fn new(peer: Option<SocketAddr>, refusal: Option<Refusal>) -> Self {
+    /// The context of a request from `peer` (if known), arriving now.
+    pub fn new(peer: Option<SocketAddr>) -> Self {
         Self(Arc::new(Inner {
             peer,
             arrived: Instant::now(),
-            refusal,
             route: OnceLock::new(),
             token: AtomicU64::new(NO_TOKEN),
             unanswered: Mutex::new(None),
@@ -68,11 +64,6 @@ impl Ctx {
     /// its duration and for its token's freshness.
     pub fn arrived(&self) -> Instant {
         self.0.arrived
-    }
-
-    /// Why the framing watch refused this request's head, if it did.
-    pub fn refusal(&self) -> Option<Refusal> {
-        self.0.refusal
     }
 
     /// Records the matched route (once; later calls change nothing).

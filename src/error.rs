@@ -9,6 +9,7 @@ use http::{Response, StatusCode};
 
 use crate::auth::exchange::AuthError;
 use crate::body::{BodyError, ProxyBody, ProxyResponse};
+use crate::http1::Refusal;
 
 /// A boxed error, for sources of any type.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -63,7 +64,7 @@ pub enum ProxyError {
     ClientTimeout(Duration),
     /// Reading the client's body failed.
     #[error("client body read failed")]
-    ClientBody(#[source] hyper::Error),
+    ClientBody(#[source] BoxError),
     /// Too many requests in flight; this one was shed.
     #[error("too many requests in flight")]
     Overloaded,
@@ -74,11 +75,8 @@ pub enum ProxyError {
     #[error("{}", method_refusal(.0))]
     MethodNotAllowed(http::Method),
     /// The request head is longer than allowed; the connection is closed after the answer.
-    #[error("request head exceeds {limit} bytes")]
-    HeadersTooLarge {
-        /// The limit in bytes.
-        limit: usize,
-    },
+    #[error("{0}")]
+    HeadersTooLarge(Refusal),
     /// The request's body framing is ambiguous; the connection is closed after the answer, since
     /// where a next request would begin is unknown.
     #[error("bad request: {0}")]
@@ -112,7 +110,7 @@ impl ProxyError {
             Self::TunnelDenied(_) => StatusCode::FORBIDDEN,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -137,7 +135,7 @@ impl ProxyError {
             Self::TunnelDenied(_) => "forbidden",
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::BodyTooLarge { .. } => "body_too_large",
-            Self::HeadersTooLarge { .. } => "headers_too_large",
+            Self::HeadersTooLarge(_) => "headers_too_large",
             Self::ClientTimeout(_) => "client_timeout",
             Self::Overloaded => "overloaded",
             Self::MethodNotAllowed(_) => "method_not_allowed",
@@ -166,7 +164,8 @@ impl ProxyError {
         match error {
             BodyError::TooLarge { limit } => Self::BodyTooLarge { limit },
             BodyError::Idle { after, .. } => Self::ClientTimeout(after),
-            BodyError::Transport(e) => Self::ClientBody(e),
+            BodyError::Transport(e) => Self::ClientBody(e.into()),
+            BodyError::Client(e) => Self::ClientBody(e.into()),
             BodyError::Upstream(e) => Self::UpstreamUnreachable(Box::new(e)),
         }
     }
@@ -208,7 +207,7 @@ impl ProxyError {
         headers.insert(ERROR_HEADER, HeaderValue::from_static(kind));
         if matches!(
             self,
-            Self::AmbiguousFraming(_) | Self::BadHost(_) | Self::HeadersTooLarge { .. }
+            Self::AmbiguousFraming(_) | Self::BadHost(_) | Self::HeadersTooLarge(_)
         ) {
             headers.insert(CONNECTION, HeaderValue::from_static("close"));
         }
@@ -216,6 +215,17 @@ impl ProxyError {
             headers.insert(RETRY_AFTER, HeaderValue::from(secs));
         }
         response
+    }
+}
+
+impl From<Refusal> for ProxyError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::HeadTooLarge | Refusal::TooManyHeaders => Self::HeadersTooLarge(refusal),
+            Refusal::Malformed(why) => Self::BadRequest(why),
+            Refusal::Framing(why) => Self::AmbiguousFraming(why),
+            Refusal::Host(why) => Self::BadHost(why),
+        }
     }
 }
 

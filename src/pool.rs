@@ -30,7 +30,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::body::{PeerBody, ProxyBody};
-use crate::h1::{self, Conn};
+use crate::http1::client::{self as h1, Conn};
 use crate::upstream::{POOL_IDLE_TIMEOUT, POOL_MAX_IDLE_PER_HOST};
 
 /// Why a request could not be sent.

@@ -70,7 +70,7 @@ where
         let ctx = match Ctx::of(&req) {
             Some(ctx) => ctx.clone(),
             None => {
-                let ctx = Ctx::new(None, None);
+                let ctx = Ctx::new(None);
                 req.extensions_mut().insert(ctx.clone());
                 ctx
             }

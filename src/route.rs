@@ -242,7 +242,9 @@ pub fn route_request<B>(routes: &Routes, req: &mut Request<B>) -> Result<(), Pro
     if req.method() == Method::CONNECT || req.method() == Method::TRACE {
         return Err(ProxyError::MethodNotAllowed(req.method().clone()));
     }
-    let host_header = crate::hop::check_framing(req)?;
+    // An HTTP/1 request here has at most one valid Host (exactly one for HTTP/1.1): the server
+    // side refuses any other ([`crate::http1::request`]).
+    let host_header = req.headers().get(http::header::HOST);
     let ctx = Ctx::of(req)
         .ok_or(ProxyError::Internal("request without a context"))?
         .clone();
@@ -281,7 +283,7 @@ pub fn route_request<B>(routes: &Routes, req: &mut Request<B>) -> Result<(), Pro
     // The version is per hop: the upstream connection negotiates its own (h2 by ALPN on https).
     *req.version_mut() = Version::HTTP_11;
     let headers = req.headers_mut();
-    crate::hop::strip(headers);
+    crate::http1::hop::strip(headers);
     // The client set Host for tokengate; the upstream gets its own authority.
     headers.insert(HOST, route.host_header.clone());
     if inject {

@@ -6,34 +6,37 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::adapter::Hyper;
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::BytesMut;
 use futures_util::FutureExt;
 use http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
+use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
+use tokio::time::Sleep;
 use tower::{Service, ServiceExt};
 
-use crate::body::{self, ClientBody};
+use crate::adapter::Hyper;
+use crate::body::ClientBody;
 use crate::config::ServerConfig;
 use crate::ctx::Ctx;
-use crate::error::BoxError;
-use crate::framing::{self, Verdicts, Watched};
+use crate::error::{BoxError, ProxyError};
 use crate::gateway::Gateway;
-use crate::{admin, front, hibernate, stack, tls};
+use crate::http1::{self, CarriesHead, Refusal, RequestBody, Rewound};
+use crate::{admin, stack, tls};
 
 /// The most connections the admin listener serves at once.
 pub const MAX_ADMIN_CONNECTIONS: usize = 64;
-/// The most request headers a client may send (HTTP/1): 431 beyond.
-pub const MAX_HEADERS: usize = 100;
-/// The most bytes of request head a client may send (HTTP/1).
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// The most concurrent HTTP/2 streams per client connection.
 pub const MAX_H2_STREAMS: u32 = 256;
 /// HTTP/2 flow-control window per stream, in bytes: what a client may send before we read.
@@ -135,7 +138,14 @@ impl Gateway {
             shutdown_grace: server.shutdown_grace,
             tls,
         };
-        tasks.spawn(serve(proxy, service, http.clone(), stopped.clone(), limits));
+        tasks.spawn(serve(
+            proxy,
+            service,
+            refuse,
+            http.clone(),
+            stopped.clone(),
+            limits,
+        ));
         let limits = ServeLimits {
             max_connections: MAX_ADMIN_CONNECTIONS,
             shutdown_grace: server.shutdown_grace,
@@ -143,7 +153,7 @@ impl Gateway {
         };
         let service = admin::service(self.shared(), self.metrics());
         let http = Arc::new(Http::new(server, Gauge::default()));
-        tasks.spawn(serve(admin, service, http, stopped, limits));
+        tasks.spawn(serve(admin, service, refuse, http, stopped, limits));
         tracing::info!(%proxy_addr, %admin_addr, routes = snapshot.config.routes.len(), "tokengate serving");
         self.keep_tokens_warm();
         Ok(Running {
@@ -182,64 +192,43 @@ impl Running {
     }
 }
 
-/// How a listener speaks HTTP to its clients.
-pub struct Http {
-    /// Plain-TCP HTTP/1 clients, served with hibernation ([`hibernate`]).
-    http1: Arc<hibernate::Http1>,
-    /// Everyone else (TLS clients, HTTP/2 with prior knowledge): HTTP/1 or HTTP/2 as they speak.
-    auto: auto::Builder<TokioExecutor>,
-    /// How long a client may take to send its first bytes, or idle between requests.
-    header_read_timeout: Duration,
+/// The answer to a request head the HTTP/1 server side refuses: its JSON error.
+fn refuse(refusal: Refusal) -> crate::body::ProxyResponse {
+    ProxyError::from(refusal).into_response()
 }
 
-/// The HTTP/1 settings, for hyper's builder and for hyper-util's view of one (the same methods,
-/// but no trait in common). `header_read_timeout` is hyper's only for TLS clients; plain ones
-/// have it from [`hibernate`], which checks it on the tick it already keeps instead of arming
-/// a timer for every request.
-macro_rules! http1_settings {
-    ($builder:expr) => {
-        $builder
-            .timer(TokioTimer::new())
-            .max_buf_size(MAX_HEADER_BYTES)
-            .max_headers(MAX_HEADERS)
-            .keep_alive(true)
-    };
+/// How a listener speaks HTTP to its clients.
+pub struct Http {
+    /// HTTP/1 clients: tokengate's own server side.
+    http1: http1::Http1,
+    /// HTTP/2 clients (with prior knowledge, or by ALPN): hyper.
+    http2: http2::Builder<TokioExecutor>,
 }
 
 impl Http {
-    /// Both builders, with the same HTTP/1 settings; `hibernating` counts the listener's
-    /// hibernating connections.
+    /// Both protocols' settings; `hibernating` counts the listener's HTTP/1 connections waiting
+    /// between requests.
     pub fn new(server: &ServerConfig, hibernating: Gauge) -> Self {
-        let mut builder = http1::Builder::new();
-        http1_settings!(builder);
-        let mut auto = auto::Builder::new(TokioExecutor::new());
-        http1_settings!(auto.http1()).header_read_timeout(server.header_read_timeout);
-        http2_settings(&mut auto);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_H2_STREAMS)
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .max_header_list_size(H2_MAX_HEADER_LIST)
+            .max_send_buf_size(H2_MAX_SEND_BUF)
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+            .keep_alive_interval(H2_KEEPALIVE.0)
+            .keep_alive_timeout(H2_KEEPALIVE.1);
         Self {
-            http1: Arc::new(hibernate::Http1 {
-                builder,
-                idle_timeout: server.header_read_timeout,
-                hibernating,
+            http1: http1::Http1 {
+                header_read_timeout: server.header_read_timeout,
                 write_timeout: server.body_idle_timeout,
-            }),
-            auto,
-            header_read_timeout: server.header_read_timeout,
+                hibernating,
+            },
+            http2,
         }
     }
-}
-
-fn http2_settings(builder: &mut auto::Builder<TokioExecutor>) {
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(MAX_H2_STREAMS)
-        .initial_stream_window_size(H2_STREAM_WINDOW)
-        .initial_connection_window_size(H2_CONNECTION_WINDOW)
-        .max_header_list_size(H2_MAX_HEADER_LIST)
-        .max_send_buf_size(H2_MAX_SEND_BUF)
-        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
-        .keep_alive_interval(H2_KEEPALIVE.0)
-        .keep_alive_timeout(H2_KEEPALIVE.1);
 }
 
 /// The bounds of one listener, and its TLS.
@@ -264,9 +253,11 @@ pub struct InboundTls {
 
 /// Accepts connections on `listener` and serves `service` on each, within `limits`, until `stop`
 /// flips; then stops accepting and drains open connections for at most the shutdown grace.
-pub async fn serve<S, B>(
+/// `refuse` answers the HTTP/1 request heads that are refused.
+pub async fn serve<S, B, R>(
     listener: TcpListener,
     service: S,
+    refuse: R,
     http: Arc<Http>,
     mut stop: watch::Receiver<bool>,
     limits: ServeLimits,
@@ -277,8 +268,9 @@ pub async fn serve<S, B>(
         + Unpin
         + 'static,
     S::Future: Send + 'static,
-    B: Body<Data = bytes::Bytes> + body::CarriesHead + Send + 'static,
-    B::Error: Into<BoxError>,
+    B: Body<Data = bytes::Bytes> + CarriesHead + Send + 'static,
+    B::Error: Into<BoxError> + std::fmt::Display + Send,
+    R: Fn(Refusal) -> Response<B> + Clone + Send + Sync + 'static,
 {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     loop {
@@ -301,46 +293,27 @@ pub async fn serve<S, B>(
             _ = stop.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let (service, http, mut stop, tls) = (
+        let (service, refuse, http, stop, tls) = (
             service.clone(),
+            refuse.clone(),
             http.clone(),
             stop.clone(),
             limits.tls.clone(),
         );
         tokio::spawn(async move {
-            match tls {
-                None => match speaks_http1(&stream, http.header_read_timeout, &mut stop).await {
-                    // Its own task: nothing of this one stays with a long-lived idle connection.
-                    Some(true) => {
-                        let serving = front::serve(http.http1.clone(), stream, peer, service, stop);
-                        tokio::spawn(served(peer, permit, serving));
-                    }
-                    Some(false) => {
-                        let verdicts = Arc::new(Verdicts::default());
-                        let service = Hyper(with_ctx(service, peer, verdicts.clone()));
-                        let serving = serve_one(&http.auto, io(stream, verdicts), service, stop);
-                        served(peer, permit, Box::pin(serving)).await;
-                    }
-                    None => {}
-                },
-                Some(tls) => {
-                    let handshake = tls.acceptor.accept(stream);
-                    match tokio::time::timeout(tls.handshake_timeout, Box::pin(handshake)).await {
-                        Ok(Ok(stream)) => {
-                            let verdicts = Arc::new(Verdicts::default());
-                            let service = Hyper(with_ctx(service, peer, verdicts.clone()));
-                            let serving =
-                                serve_one(&http.auto, io(stream, verdicts), service, stop);
-                            served(peer, permit, Box::pin(serving)).await;
-                        }
-                        Ok(Err(error)) => {
-                            tracing::debug!(%peer, %error, "TLS handshake failed");
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                        }
-                    }
+            let Some(tls) = tls else {
+                let serving = serve_connection(http, stream, false, peer, service, refuse, stop);
+                return served(peer, permit, serving).await;
+            };
+            let handshake = tls.acceptor.accept(stream);
+            match tokio::time::timeout(tls.handshake_timeout, Box::pin(handshake)).await {
+                Ok(Ok(stream)) => {
+                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let serving = serve_connection(http, stream, h2, peer, service, refuse, stop);
+                    served(peer, permit, serving).await;
                 }
+                Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         });
     }
@@ -355,14 +328,96 @@ pub async fn serve<S, B>(
     }
 }
 
-/// `service` for requests hyper parses from `peer`: each gets its context, with the framing
-/// watch's verdict on its head (the watch reads the client's bytes before hyper does).
-/// Their responses get the headers their bodies carry in wire form ([`body::with_headers`]),
+/// Serves one client connection: HTTP/2 if ALPN chose it (`h2`) or the client opens with the
+/// HTTP/2 preface, else HTTP/1. Either way the chosen server reads every byte from there on.
+async fn serve_connection<IO, S, B>(
+    http: Arc<Http>,
+    mut io: IO,
+    h2: bool,
+    peer: SocketAddr,
+    service: S,
+    refuse: impl Fn(Refusal) -> Response<B>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), BoxError>
+where
+    IO: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static,
+    S: Service<Request<ClientBody>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + Unpin
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body<Data = bytes::Bytes> + CarriesHead + Send + 'static,
+    B::Error: Into<BoxError> + std::fmt::Display + Send,
+{
+    let (read, h2) = if h2 {
+        (BytesMut::new(), true)
+    } else {
+        let first = first_bytes(&mut io, http.http1.header_read_timeout, &mut stop);
+        match first.await? {
+            Some(first) => first,
+            None => return Ok(()),
+        }
+    };
+    if h2 {
+        let io = WriteTimeout::new(Rewound::new(Box::new(io), read), http.http1.write_timeout);
+        let service = Hyper(with_ctx(service, peer));
+        return Box::pin(serve_http2(&http.http2, io, service, stop)).await;
+    }
+    let service = service.map_request(move |req: Request<RequestBody>| {
+        let mut req = req.map(ClientBody::Http1);
+        req.extensions_mut().insert(Ctx::new(Some(peer)));
+        req
+    });
+    Ok(http1::serve(&http.http1, io, read, service, refuse, stop).await?)
+}
+
+/// Reads a new client's first bytes, until they tell HTTP/2 with prior knowledge (its preface)
+/// from HTTP/1: the bytes, and whether it is HTTP/2. `None` if the client closes or sends
+/// nothing within `timeout`, or the listener stops.
+async fn first_bytes<IO: AsyncRead + Unpin>(
+    io: &mut IO,
+    timeout: Duration,
+    stop: &mut watch::Receiver<bool>,
+) -> io::Result<Option<(BytesMut, bool)>> {
+    let mut first = BytesMut::new();
+    let reading = async {
+        loop {
+            // Onto the stack, then into a buffer of the size that came (as for every head).
+            let n = std::future::poll_fn(|cx| {
+                let mut room = [MaybeUninit::<u8>::uninit(); http1::READ_SIZE];
+                let mut read = ReadBuf::uninit(&mut room);
+                ready!(Pin::new(&mut *io).poll_read(cx, &mut read))?;
+                first.extend_from_slice(read.filled());
+                Poll::Ready(Ok::<_, io::Error>(read.filled().len()))
+            })
+            .await?;
+            let seen = first.len().min(H2_PREFACE.len());
+            if n == 0 || first[..seen] != H2_PREFACE[..seen] {
+                return Ok::<_, io::Error>(Some(n > 0));
+            }
+            if seen == H2_PREFACE.len() {
+                return Ok(Some(true));
+            }
+        }
+    };
+    let spoke = tokio::select! {
+        spoke = tokio::time::timeout(timeout, reading) => spoke.unwrap_or(Ok(None))?,
+        _ = stop.wait_for(|stopped| *stopped) => None,
+    };
+    if spoke != Some(true) {
+        return Ok(None);
+    }
+    let h2 = first.starts_with(H2_PREFACE);
+    Ok(Some((first, h2)))
+}
+
+/// `service` for requests hyper parses from `peer` (HTTP/2): each gets its context; their
+/// responses get the headers their bodies carry in wire form ([`http1::response::with_headers`]),
 /// for hyper to write.
 pub fn with_ctx<S, B>(
     service: S,
     peer: SocketAddr,
-    verdicts: Arc<Verdicts>,
 ) -> impl Service<
     Request<Incoming>,
     Response = Response<B>,
@@ -375,16 +430,15 @@ pub fn with_ctx<S, B>(
 where
     S: Service<Request<ClientBody>, Response = Response<B>> + Clone + Send + Unpin + 'static,
     S::Future: Send + 'static,
-    B: body::CarriesHead + 'static,
+    B: CarriesHead + 'static,
 {
     service
         .map_request(move |req: Request<Incoming>| {
             let mut req = req.map(ClientBody::Hyper);
-            req.extensions_mut()
-                .insert(Ctx::new(Some(peer), verdicts.next()));
+            req.extensions_mut().insert(Ctx::new(Some(peer)));
             req
         })
-        .map_response(body::with_headers)
+        .map_response(http1::response::with_headers)
 }
 
 /// Runs a connection's `serving` to its end, holding its connection `permit` until then.
@@ -402,16 +456,16 @@ fn served(
     })
 }
 
-/// Serves one connection (upgrades allowed, for CONNECT tunnels) until it ends; once `stop`
-/// flips, it finishes in-flight requests and closes (HTTP/2: GOAWAY).
-async fn serve_one<IO, S, B>(
-    http: &auto::Builder<TokioExecutor>,
+/// Serves one HTTP/2 connection until it ends; once `stop` flips, it finishes in-flight
+/// streams and closes (GOAWAY).
+async fn serve_http2<IO, S, B>(
+    http: &http2::Builder<TokioExecutor>,
     io: IO,
     service: S,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), BoxError>
 where
-    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
@@ -419,34 +473,96 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let conn = http.serve_connection_with_upgrades(io, service);
+    let conn = http.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {
-        served = conn.as_mut() => return served,
+        served = conn.as_mut() => return Ok(served?),
         _ = stop.wait_for(|stopped| *stopped) => {}
     }
     conn.as_mut().graceful_shutdown();
-    conn.await
+    Ok(conn.await?)
 }
 
-/// Whether a plain-TCP client speaks HTTP/1, from its first bytes (peeked, so hyper still reads
-/// them): anything that does not start like the HTTP/2 preface does. `None` if the client sends
-/// nothing within `timeout` or before `stop` flips, or the socket fails.
-async fn speaks_http1(
-    stream: &TcpStream,
+/// A connection whose writes may each wait at most `timeout` for the peer to take bytes: past
+/// it, the write fails and the connection ends (a client that stopped reading).
+struct WriteTimeout<IO> {
+    io: IO,
     timeout: Duration,
-    stop: &mut watch::Receiver<bool>,
-) -> Option<bool> {
-    let mut first = [0u8; H2_PREFACE.len()];
-    let n = tokio::select! {
-        peeked = tokio::time::timeout(timeout, stream.peek(&mut first)) => peeked.ok()?.ok()?,
-        _ = stop.wait_for(|stopped| *stopped) => return None,
-    };
-    // Nothing (the client closed) or a part of the preface: hyper-util's sniffing decides.
-    Some(n > 0 && first[..n] != H2_PREFACE[..n])
+    /// Armed while a write waits.
+    waiting: Option<Pin<Box<Sleep>>>,
 }
 
-/// A client connection as hyper reads it: through the framing watch.
-fn io<IO>(stream: IO, verdicts: Arc<Verdicts>) -> TokioIo<Watched<IO>> {
-    TokioIo::new(framing::watched(stream, verdicts))
+impl<IO> WriteTimeout<IO> {
+    fn new(io: IO, timeout: Duration) -> Self {
+        Self {
+            io,
+            timeout,
+            waiting: None,
+        }
+    }
+
+    /// `poll`'s answer, or a timeout error once a write has waited `timeout`.
+    fn bounded<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: impl FnOnce(Pin<&mut IO>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>>
+    where
+        IO: Unpin,
+    {
+        if let Poll::Ready(done) = poll(Pin::new(&mut self.io), cx) {
+            self.waiting = None;
+            return Poll::Ready(done);
+        }
+        let timeout = self.timeout;
+        let waiting = self
+            .waiting
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        ready!(waiting.as_mut().poll(cx));
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client stopped reading",
+        )))
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for WriteTimeout<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().bounded(cx, |io, cx| io.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut()
+            .bounded(cx, |io, cx| io.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().bounded(cx, |io, cx| io.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }

@@ -3,14 +3,13 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use http::{Request, Response};
-use http_body::Body;
+use http::Request;
 use tower::filter::FilterLayer;
 use tower::{Service, ServiceBuilder};
 
 use crate::access::AccessCheck;
 use crate::auth::inject::InjectBearerLayer;
-use crate::body::{BodyError, BodyLimits, CarriesHead, ClientBody, ReplayBodyLayer};
+use crate::body::{BodyLimits, ClientBody, ProxyResponse, ReplayBodyLayer};
 use crate::config::Config;
 use crate::gateway::SharedLive;
 use crate::metrics::Metrics;
@@ -31,9 +30,7 @@ pub fn proxy(
     resolver: Arc<dyn Resolve>,
 ) -> impl Service<
     Request<ClientBody>,
-    Response = Response<
-        impl Body<Data = bytes::Bytes, Error = BodyError> + CarriesHead + Send + 'static,
-    >,
+    Response = ProxyResponse,
     Error = Infallible,
     Future = impl Send + 'static,
 > + Clone

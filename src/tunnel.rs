@@ -23,6 +23,8 @@ use crate::body::ProxyBody;
 use crate::config::ForwardConfig;
 use crate::error::{BoxError, ProxyError};
 use crate::gateway::SharedLive;
+use crate::http1::OnUpgrade;
+use crate::http1::upgrade::Io;
 use crate::observe::{Observed, Observer};
 use crate::ssrf::{self, GuardError, Resolve};
 
@@ -142,12 +144,12 @@ async fn open<B>(
         .map_err(|_| ProxyError::UpstreamTimeout(layer.connect_timeout))?
         .map_err(ProxyError::TunnelUnreachable)?;
     let _ = upstream.set_nodelay(true);
-    let upgrade = hyper::upgrade::on(&mut req);
+    let upgrade = client_connection(&mut req);
     let idle_timeout = forward.tunnel_idle_timeout;
     tokio::spawn(async move {
         let _permit = permit;
         let client = match upgrade.await {
-            Ok(upgraded) => TokioIo::new(upgraded),
+            Ok(client) => client,
             Err(error) => return tracing::debug!(%error, "tunnel upgrade failed"),
         };
         match relay(client, upstream, idle_timeout).await {
@@ -157,6 +159,24 @@ async fn open<B>(
     });
     tracing::info!(target = %target, %addr, "tunnel open");
     Ok(Response::new(ProxyBody::Full(None)))
+}
+
+/// The client's connection once the CONNECT's answer is out: from tokengate's own HTTP/1
+/// server side, or from hyper's HTTP/2 (a stream).
+fn client_connection<B>(req: &mut Request<B>) -> BoxFuture<'static, Result<Box<dyn Io>, BoxError>> {
+    match req.extensions_mut().remove::<OnUpgrade>() {
+        Some(on_upgrade) => Box::pin(async move {
+            let client = on_upgrade.upgraded().await?;
+            Ok(Box::new(client) as Box<dyn Io>)
+        }),
+        None => {
+            let upgrade = hyper::upgrade::on(req);
+            Box::pin(async move {
+                let client = TokioIo::new(upgrade.await?);
+                Ok(Box::new(client) as Box<dyn Io>)
+            })
+        }
+    }
 }
 
 /// Copies both ways until either side closes, or until no byte has moved either way for

@@ -51,7 +51,9 @@ fn body_error(error: &(dyn std::error::Error + 'static)) -> Option<ProxyError> {
             return Some(match body {
                 BodyError::TooLarge { limit } => ProxyError::BodyTooLarge { limit: *limit },
                 BodyError::Idle { after, .. } => ProxyError::ClientTimeout(*after),
-                BodyError::Transport(_) => ProxyError::BadRequest("client body broke off"),
+                BodyError::Transport(_) | BodyError::Client(_) => {
+                    ProxyError::BadRequest("client body broke off")
+                }
                 BodyError::Upstream(_) => return None,
             });
         }
@@ -216,7 +218,7 @@ fn keep_for_replay(req: Request<ProxyBody>) {
 
 /// Removes hop-by-hop headers from a response that came through hyper's client.
 fn strip_hops<B>(mut response: http::Response<B>) -> http::Response<B> {
-    crate::hop::strip(response.headers_mut());
+    crate::http1::hop::strip(response.headers_mut());
     response
 }
 

@@ -1,44 +1,34 @@
-//! tokengate's own server side reading request heads from arbitrary bytes, against httparse's
-//! reading of the same bytes: it never panics, never serves a head httparse refuses or has not
-//! finished, and when it serves one, the head ends where httparse ends it, with the same method
-//! and target, and the body is exactly the one `Content-Length` declares.
+//! tokengate's server side reading request heads from arbitrary bytes, against the strict
+//! RFC 9112 reading the differential test uses (`tests/strict`): it never panics, and it
+//! accepts, refuses or waits exactly as the strict reading does, with the head ending at the
+//! same byte and the body framed the same way.
 #![no_main]
 
+#[path = "../../tests/strict/mod.rs"]
+mod strict;
+
 use libfuzzer_sys::fuzz_target;
-use tokengate::front::read_request_head;
+use strict::{Body, Verdict, strict_reading};
+use tokengate::http1::request::{BodyFraming, read_request_head};
 
 fuzz_target!(|bytes: &[u8]| {
-    let Some((method, target, taken)) = read_request_head(bytes) else {
-        return;
-    };
-    let mut headers = [httparse::EMPTY_HEADER; 100];
-    let mut request = httparse::Request::new(&mut headers);
-    let Ok(httparse::Status::Complete(head_len)) = request.parse(bytes) else {
-        panic!("served a head httparse does not complete: {:?}", String::from_utf8_lossy(bytes));
-    };
-    assert_eq!(request.method, Some(method.as_str()));
-    assert_eq!(http::Uri::try_from(request.path.unwrap_or_default()).ok(), Some(target));
-    assert_eq!(request.version, Some(1), "only HTTP/1.1 is served");
-    let lengths: Vec<&[u8]> = request
-        .headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
-        .map(|h| h.value)
-        .collect();
-    assert!(lengths.len() <= 1, "served with {} Content-Length fields", lengths.len());
-    assert!(
-        request.headers.iter().all(|h| !h.name.eq_ignore_ascii_case("transfer-encoding")),
-        "served with Transfer-Encoding"
-    );
-    // One length, or a list of equal ones (`5, 5`), as RFC 9110 §8.6 allows.
-    let body: usize = lengths.first().map_or(0, |value| {
-        let parts: Vec<usize> = std::str::from_utf8(value)
-            .expect("a served length is ASCII")
-            .split(',')
-            .map(|part| part.trim().parse().expect("a served length is digits"))
-            .collect();
-        assert!(parts.windows(2).all(|w| w[0] == w[1]), "served differing lengths");
-        parts[0]
-    });
-    assert_eq!(taken, head_len + body, "the request ends where its head and length say");
+    let strict = strict_reading(bytes);
+    match (read_request_head(bytes), &strict) {
+        (Err(_), Verdict::Refused(_)) | (Ok(None), Verdict::Incomplete) => {}
+        (Ok(Some((method, uri, head_len, framing))), Verdict::Request { method: m, target, head_len: l, body }) => {
+            assert_eq!(method.as_str(), m);
+            assert_eq!(Some(uri), target.parse::<http::Uri>().ok());
+            assert_eq!(head_len, *l, "the head ends where the strict reading ends it");
+            let framing = match framing {
+                BodyFraming::Empty => Body::None,
+                BodyFraming::Length(n) => Body::Length(n),
+                BodyFraming::Chunked => Body::Chunked,
+            };
+            assert_eq!(framing, *body, "the body is framed as the strict reading frames it");
+        }
+        (ours, _) => panic!(
+            "{:?}: ours {ours:?}, strict {strict:?}",
+            String::from_utf8_lossy(bytes)
+        ),
+    }
 });

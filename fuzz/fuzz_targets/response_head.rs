@@ -5,7 +5,7 @@
 
 use http::Method;
 use libfuzzer_sys::fuzz_target;
-use tokengate::h1::read_response_head;
+use tokengate::http1::client::read_response_head;
 
 fuzz_target!(|input: (bool, &[u8])| {
     let (head_request, bytes) = input;

@@ -231,8 +231,14 @@ where
         shutdown_grace: std::time::Duration::from_secs(1),
         tls: None,
     };
+    // A head the server side refuses gets the proxy's own JSON answer.
+    let refuse = |refusal: crate::http1::Refusal| {
+        let error = crate::error::ProxyError::from(refusal);
+        let body = serde_json::json!({ "kind": error.kind(), "message": error.message() });
+        json_response(error.status(), &body)
+    };
     tokio::spawn(crate::server::serve(
-        listener, service, http, stopped, limits,
+        listener, service, refuse, http, stopped, limits,
     ));
     Ok(Handle { addr, _stop: stop })
 }

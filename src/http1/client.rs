@@ -24,14 +24,18 @@ use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
-use http::{HeaderMap, Method, StatusCode, Version, request, response};
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{Method, StatusCode, Version, request, response};
 use http_body::{Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::chunked::{Advance, Chunk};
-use crate::server::{MAX_HEADER_BYTES, MAX_HEADERS};
+use super::chunked::{Advance, Chunk};
+use super::fields::{
+    BrokenLength, Field, Lengths, has_token, last_coding_is_chunked, names_headers,
+};
+use super::response::WireHead;
+use super::{MAX_HEADER_BYTES, MAX_HEADERS};
 
 /// The longest response head read, in bytes (as for requests).
 pub const MAX_RESPONSE_HEAD: usize = MAX_HEADER_BYTES;
@@ -57,77 +61,6 @@ pub enum Error {
     /// The response is not HTTP/1.x as tokengate reads it.
     #[error("malformed upstream response: {0}")]
     Malformed(&'static str),
-}
-
-/// A response head as the upstream sent it, less what this hop removes (hop-by-hop headers,
-/// those `Connection` names, a `Content-Length` a coding overrides): its header lines in wire
-/// form. [`crate::front`] sends them on to HTTP/1.1 clients as they are; for hyper's clients
-/// they become a [`HeaderMap`] ([`WireHead::append_to`]).
-#[derive(Clone, Default)]
-pub struct WireHead {
-    /// The header lines, each ending in CRLF.
-    pub lines: Bytes,
-    /// They hold the `Content-Length` that frames the body.
-    pub has_length: bool,
-    /// They hold a `Date`.
-    pub has_date: bool,
-}
-
-impl std::fmt::Debug for WireHead {
-    /// The upstream's header values stay out of logs: only their size shows.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WireHead")
-            .field("bytes", &self.lines.len())
-            .field("has_length", &self.has_length)
-            .field("has_date", &self.has_date)
-            .finish()
-    }
-}
-
-impl WireHead {
-    /// The lines as headers, appended to `headers`.
-    pub fn append_to(&self, headers: &mut HeaderMap) {
-        for line in self.lines.split(|&b| b == b'\n') {
-            let Some(colon) = line.iter().position(|&b| b == b':') else {
-                continue;
-            };
-            let value = line[colon + 1..].trim_ascii();
-            let at = value.as_ptr() as usize - self.lines.as_ptr() as usize;
-            // httparse admitted both; a line that will not convert is left out.
-            if let (Ok(name), Ok(value)) = (
-                HeaderName::from_bytes(&line[..colon]),
-                HeaderValue::from_maybe_shared(self.lines.slice(at..at + value.len())),
-            ) {
-                headers.append(name, value);
-            }
-        }
-    }
-}
-
-/// The header names a response head is read for, told apart by length first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Field {
-    TransferEncoding,
-    ContentLength,
-    Connection,
-    Date,
-    /// Any other hop-by-hop header ([`crate::hop`]).
-    HopByHop,
-    Other,
-}
-
-impl Field {
-    fn of(name: &[u8]) -> Self {
-        let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
-        match name.len() {
-            17 if is("transfer-encoding") => Self::TransferEncoding,
-            14 if is("content-length") => Self::ContentLength,
-            10 if is("connection") => Self::Connection,
-            4 if is("date") => Self::Date,
-            _ if crate::hop::is_hop_by_hop_name(name) => Self::HopByHop,
-            _ => Self::Other,
-        }
-    }
 }
 
 /// A connection to an upstream, with the bytes read from it and not yet used.
@@ -377,8 +310,8 @@ fn parse_head(
             Version::HTTP_10
         };
         // What the head says about framing and connection, from the names that matter.
-        let (mut chunked, mut other_coding, mut length, mut lengths_differ) =
-            (false, false, None::<u64>, false);
+        let (mut chunked, mut other_coding) = (false, false);
+        let (mut lengths, mut any_length) = (Lengths::default(), false);
         let (mut close, mut names_others, mut has_date) = (false, false, false);
         let mut fields = [Field::Other; MAX_RESPONSE_HEADERS];
         for (h, field) in res.headers.iter().zip(&mut fields) {
@@ -389,25 +322,26 @@ fn parse_head(
                     chunked = last_coding_is_chunked(h.value);
                     other_coding |= !chunked;
                 }
-                Field::ContentLength => match (content_length(h.value), length) {
-                    (Some(n), None) => length = Some(n),
-                    (Some(n), Some(m)) if n == m => {}
-                    _ => lengths_differ = true,
-                },
+                Field::ContentLength => {
+                    lengths.add(h.value);
+                    any_length = true;
+                }
                 Field::Connection => {
                     close |= has_token(h.value, b"close");
                     names_others |= names_headers(h.value);
                 }
                 Field::Date => has_date = true,
-                Field::HopByHop | Field::Other => {}
+                Field::Host | Field::Expect | Field::HopByHop | Field::Other => {}
             }
         }
         let has_te = chunked || other_coding;
         // Differing lengths are refused whatever frames the body (a HEAD's or 304's length
         // still describes one); a coding overrides any length, which is then dropped.
-        if lengths_differ && !has_te {
-            return Err(Error::Malformed("Content-Length"));
-        }
+        let length = match lengths.get() {
+            Ok(length) => length,
+            Err(BrokenLength) if has_te => None,
+            Err(BrokenLength) => return Err(Error::Malformed("Content-Length")),
+        };
         let framing = if *method == Method::HEAD
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
@@ -489,7 +423,7 @@ fn parse_head(
         let keep_alive = version == Version::HTTP_11
             && !close
             && framing != Framing::UntilClose
-            && !(has_te && length.is_some());
+            && !(has_te && any_length);
         let wire = WireHead {
             lines: lines.into(),
             has_length: has_length && matches!(framing, Framing::Length(_) | Framing::Empty),
@@ -502,46 +436,6 @@ fn parse_head(
         parts.version = version;
         return Ok(Some((parts, wire, framing, keep_alive)));
     }
-}
-
-/// A `Content-Length` value: digits, or a list of equal ones (`5, 5`).
-pub(crate) fn content_length(value: &[u8]) -> Option<u64> {
-    let mut length = None;
-    for part in value.split(|&b| b == b',') {
-        let part = part.trim_ascii();
-        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        let n = part.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
-        match length {
-            None => length = Some(n),
-            Some(m) if m == n => {}
-            Some(_) => return None,
-        }
-    }
-    length
-}
-
-fn last_coding_is_chunked(value: &[u8]) -> bool {
-    value
-        .rsplit(|&b| b == b',')
-        .next()
-        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-}
-
-/// Whether a `Connection` value names a header, beyond the usual `keep-alive` and `close`.
-fn names_headers(value: &[u8]) -> bool {
-    value.split(|&b| b == b',').any(|t| {
-        let t = t.trim_ascii();
-        !t.is_empty() && !t.eq_ignore_ascii_case(b"keep-alive") && !t.eq_ignore_ascii_case(b"close")
-    })
-}
-
-/// Whether the comma-separated `value` holds `token` (case-insensitive).
-pub(crate) fn has_token(value: &[u8], token: &[u8]) -> bool {
-    value
-        .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// Where a response body stands.
@@ -699,6 +593,8 @@ impl http_body::Body for Body {
 
 #[cfg(test)]
 mod tests {
+    use http::{HeaderMap, HeaderValue};
+
     use super::*;
 
     fn head(method: Method, headers: &[(&'static str, &'static str)], body_len: usize) -> String {
@@ -802,23 +698,6 @@ mod tests {
                 parse_head(&mut buf, &method).is_err(),
                 "{method}: differing lengths"
             );
-        }
-    }
-
-    #[test]
-    fn content_length_is_digits_or_a_list_of_equal_ones() {
-        assert_eq!(content_length(b"42"), Some(42));
-        assert_eq!(content_length(b"7, 7,7"), Some(7));
-        for bad in [
-            &b""[..],
-            b"+1",
-            b"-1",
-            b"1 2",
-            b"7, 8",
-            b"0x10",
-            b"99999999999999999999",
-        ] {
-            assert_eq!(content_length(bad), None, "{bad:?}");
         }
     }
 }

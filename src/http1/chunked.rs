@@ -1,6 +1,6 @@
 //! The chunked transfer coding (RFC 9112 §7.1), followed byte by byte with bounded lines: the
-//! framing watch ([`crate::framing`]) follows client request bodies with it, and the upstream
-//! client ([`crate::h1`]) decodes response bodies with it. It is as strict as hyper's decoder:
+//! server side ([`super::server`]) decodes client request bodies with it, and the upstream
+//! client ([`super::client`]) response bodies with it. It is as strict as hyper's decoder:
 //! a chunk size is hex digits only, lines end with CRLF, and nothing else is guessed at.
 
 /// The most bytes of chunk extensions followed in one body, as hyper allows.
@@ -17,7 +17,7 @@ pub const MAX_TRAILER_BYTES: usize = 16 * 1024;
 #[derive(Debug, Default)]
 pub struct Chunk {
     state: State,
-    /// Trailer lines read (at most [`crate::server::MAX_HEADERS`]).
+    /// Trailer lines read (at most [`super::MAX_HEADERS`]).
     trailer_lines: u8,
     /// Extension bytes read in this body (below [`MAX_CHUNK_EXTENSIONS`]).
     extensions: u16,
@@ -144,7 +144,7 @@ impl Chunk {
                 if b == b'\r' { TrailerLf } else { Trailer }
             }
             (TrailerLf, b'\n') => {
-                if usize::from(self.trailer_lines) >= crate::server::MAX_HEADERS {
+                if usize::from(self.trailer_lines) >= super::MAX_HEADERS {
                     return Err(Refused);
                 }
                 self.trailer_lines += 1;

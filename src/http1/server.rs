@@ -1,0 +1,769 @@
+//! The server side: every request of an HTTP/1 client connection, from its first byte to its
+//! close, generic over the connection's IO (plain TCP or TLS).
+//!
+//! A connection's bytes are read here and nowhere else. Heads are read by [`super::request`];
+//! a body that arrived whole with its head goes to the stack as bytes; any other body streams
+//! from the connection as the stack reads it ([`super::request_body`]), `100 Continue` sent
+//! when it is first read if the client asked for one. The response is written once the stack
+//! answers ([`super::response`]), head and first bytes in one vectored write. A CONNECT
+//! answered 2xx hands the connection to the tunnel for good ([`super::upgrade`]). A head that
+//! is refused is answered (400 or 431) and the connection closed; so is a body that broke off
+//! or was not read to its end.
+//!
+//! Between requests a connection holds no buffer (it "hibernates"; [`Http1::hibernating`]
+//! counts them) and waits for its next bytes, at most `header_read_timeout` for a complete head.
+//! One timer per connection enforces that: it is moved only when it fires early (the connection
+//! was answered since), so a busy connection does not touch it per request and an idle one is
+//! not woken until its time is up. Each write may wait at most the write timeout for a client
+//! that does not read.
+
+use std::convert::Infallible;
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::CONNECTION;
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::Body;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::{oneshot, watch};
+use tokio::time::{Instant, Sleep};
+use tower::Service;
+
+use super::READ_SIZE;
+use super::fields::{content_length, has_token};
+use super::request::{self, BodyFraming, Head, Names, Refusal};
+use super::request_body::{RequestBody, Returned, Source, Streaming};
+use super::response::{After, CarriesHead, Framing, encode_head};
+use super::upgrade::{OnUpgrade, Rewound};
+
+/// The most buffers gathered for one vectored write.
+pub const MAX_SLICES: usize = 16;
+/// The most response bytes gathered before they are written.
+pub const MAX_GATHERED: usize = 256 * 1024;
+/// After the last answer on a connection whose client may still be sending, how long its
+/// bytes are read and dropped before the close, so that the close does not reset the answer
+/// away before the client has read it.
+pub const LINGER_TIME: Duration = Duration::from_secs(2);
+/// The most bytes read and dropped that way.
+pub const LINGER_BYTES: usize = 256 * 1024;
+
+/// The interim answer to a client that waits before it sends its body.
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// How a listener serves HTTP/1.
+#[derive(Debug)]
+pub struct Http1 {
+    /// How long a client may take to send a complete head, counted from its connection or its
+    /// last answer (`server.header_read_timeout`).
+    pub header_read_timeout: Duration,
+    /// How long one write may wait for the client to take bytes (`server.body_idle_timeout`).
+    pub write_timeout: Duration,
+    /// The listener's connections waiting between requests, holding no buffer.
+    pub hibernating: Gauge,
+}
+
+/// Serves the HTTP/1 client `io`, whose first bytes (already read) are `read`, until it closes,
+/// fails, idles past `header_read_timeout`, or `stop` flips (a request in flight finishes
+/// first). `refuse` answers the heads that are refused.
+pub async fn serve<IO, S, B>(
+    http: &Http1,
+    io: IO,
+    read: BytesMut,
+    mut service: S,
+    refuse: impl Fn(Refusal) -> Response<B>,
+    stop: watch::Receiver<bool>,
+) -> io::Result<()>
+where
+    IO: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static,
+    S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible> + Clone,
+    B: Body<Data = Bytes> + CarriesHead,
+    B::Error: std::fmt::Display,
+{
+    let mut stopping = stop.clone();
+    let mut conn = Conn {
+        io,
+        buf: read,
+        names: Names::default(),
+        writer: Writer {
+            gathered: Vec::new(),
+            timeout: http.write_timeout,
+        },
+        deadline: Box::pin(tokio::time::sleep(http.header_read_timeout)),
+        waiting_since: Instant::now(),
+        stopping: Box::pin(async move {
+            let _ = stopping.wait_for(|stopped| *stopped).await;
+        }),
+    };
+    loop {
+        let head = match conn.next_head(http).await? {
+            Next::Head(head) => head,
+            Next::Ended => return Ok(()),
+            Next::Refused(refusal) => {
+                tracing::debug!(%refusal, "request head refused");
+                let response = refuse(refusal);
+                conn.writer
+                    .respond(&mut conn.io, response, Exchange::plain(After::Close))
+                    .await?;
+                return linger(conn.io).await;
+            }
+        };
+        let Head {
+            mut request,
+            framing,
+            keep_alive,
+            expects_continue,
+        } = *head;
+        let after = if !keep_alive || *stop.borrow() {
+            After::Close
+        } else if request.version() == Version::HTTP_10 {
+            After::KeepAlive10
+        } else {
+            After::KeepAlive
+        };
+        let exchange = Exchange {
+            head_only: request.method() == Method::HEAD,
+            connect: request.method() == Method::CONNECT,
+            http10: request.version() == Version::HTTP_10,
+            after,
+        };
+        let upgrade = exchange.connect.then(|| {
+            let (sender, receiver) = oneshot::channel();
+            request.extensions_mut().insert(OnUpgrade::new(receiver));
+            sender
+        });
+        let length = match framing {
+            BodyFraming::Empty => Some(0),
+            BodyFraming::Length(n) if n <= conn.buf.len() as u64 => Some(n),
+            BodyFraming::Length(_) | BodyFraming::Chunked => None,
+        };
+        if let Some(length) = length {
+            // Whole: the connection stays as it is.
+            let body = (length > 0).then(|| conn.buf.split_to(length as usize).freeze());
+            let request = request.map(|()| RequestBody::Whole(body));
+            // The connection's own copy of the service: its requests come one at a time.
+            let Ok(response) = crate::adapter::call_mut(&mut service, request).await;
+            let upgrading = exchange.connect && response.status().is_success();
+            let kept = conn
+                .writer
+                .respond(&mut conn.io, response, exchange)
+                .await?;
+            if upgrading && let Some(upgrade) = upgrade {
+                let _ = upgrade.send(Rewound::new(Box::new(conn.io), conn.buf));
+                return Ok(());
+            }
+            if !kept {
+                return linger(conn.io).await;
+            }
+        } else {
+            // Streaming: the body reads the connection's read half while the stack holds it.
+            let (read, mut write) = tokio::io::split(conn.io);
+            let (back, mut returned) = oneshot::channel();
+            let (wanted, continue_wanted) = if expects_continue && conn.buf.is_empty() {
+                let (wanted, continue_wanted) = oneshot::channel();
+                (Some(wanted), Some(continue_wanted))
+            } else {
+                (None, None)
+            };
+            let source = Source {
+                read: Box::new(read),
+                buf: std::mem::take(&mut conn.buf),
+            };
+            let length = match framing {
+                BodyFraming::Length(n) => Some(n),
+                _ => None,
+            };
+            let body = Streaming::new(source, length, back, wanted);
+            let request = request.map(|()| RequestBody::Streaming(body));
+            let answer = crate::adapter::call_mut(&mut service, request);
+            let Ok(response) = match continue_wanted {
+                None => answer.await,
+                Some(continue_wanted) => {
+                    let mut answer = pin!(answer);
+                    tokio::select! {
+                        answered = &mut answer => answered,
+                        Ok(()) = continue_wanted => {
+                            conn.writer.gathered.push(Bytes::from_static(CONTINUE));
+                            conn.writer.flush(&mut write).await?;
+                            answer.await
+                        }
+                    }
+                }
+            };
+            // The read half comes back once the body was read to its end (or dropped). Unless
+            // it came back whole, the connection ends after this answer, and says so: a body
+            // still out is still being read, and one that broke off leaves no next request.
+            let returned = returned.try_recv();
+            let mut exchange = exchange;
+            if !matches!(returned, Ok(Returned { finished: true, .. })) {
+                exchange.after = After::Close;
+            }
+            let kept = conn.writer.respond(&mut write, response, exchange).await?;
+            let Ok(Returned { source, .. }) = returned else {
+                return Ok(());
+            };
+            let Ok(read) = source.read.into_any().downcast::<tokio::io::ReadHalf<IO>>() else {
+                return Ok(());
+            };
+            if !read.is_pair_of(&write) {
+                return Ok(());
+            }
+            conn.io = read.unsplit(write);
+            conn.buf = source.buf;
+            if !kept {
+                return linger(conn.io).await;
+            }
+        }
+        conn.waiting_since = Instant::now(); // the deadline catches up when it fires
+    }
+}
+
+/// What ended a connection's wait.
+enum Woke {
+    Read(io::Result<usize>),
+    Deadline,
+    Stop,
+}
+
+/// What a connection read next.
+enum Next {
+    /// A request head, taken out of the buffer.
+    Head(Box<Head>),
+    /// A head that is refused.
+    Refused(Refusal),
+    /// The client closed, idled too long, or the listener stops.
+    Ended,
+}
+
+/// A client connection between requests.
+struct Conn<IO> {
+    io: IO,
+    /// Bytes read and not yet used; no allocation while there are none.
+    buf: BytesMut,
+    /// The client's last header names.
+    names: Names,
+    writer: Writer,
+    /// Fires no later than `header_read_timeout` after `waiting_since`; moved to that instant
+    /// when it fires early (one timer per connection, untouched per request).
+    deadline: Pin<Box<Sleep>>,
+    /// When the wait for the next head began: the last answer, or the connection's start.
+    waiting_since: Instant,
+    /// Ready once the listener stops; made once, polled by every wait.
+    stopping: Pin<Box<dyn Future<Output = ()> + Send>>,
+}
+
+impl<IO: AsyncRead + Unpin> Conn<IO> {
+    /// Reads until a complete request head, waiting at most `header_read_timeout` from the last
+    /// answer, or until the listener stops.
+    async fn next_head(&mut self, http: &Http1) -> io::Result<Next> {
+        loop {
+            if !self.buf.is_empty() {
+                match request::parse(&mut self.buf, &mut self.names) {
+                    Ok(Some(head)) => return Ok(Next::Head(Box::new(head))),
+                    Ok(None) => {}
+                    Err(refusal) => return Ok(Next::Refused(refusal)),
+                }
+            }
+            let hibernating = self.buf.is_empty();
+            if hibernating {
+                self.buf = BytesMut::new(); // give back what the last request left
+                http.hibernating.inc();
+            }
+            let Self {
+                io,
+                buf,
+                deadline,
+                stopping,
+                ..
+            } = self;
+            let woke = tokio::select! {
+                biased;
+                read = fill(io, buf) => Woke::Read(read),
+                () = deadline.as_mut() => Woke::Deadline,
+                () = stopping.as_mut() => Woke::Stop,
+            };
+            if hibernating {
+                http.hibernating.dec();
+            }
+            match woke {
+                Woke::Read(Ok(0)) | Woke::Stop => return Ok(Next::Ended),
+                Woke::Read(Ok(_)) => {}
+                Woke::Read(Err(error)) => return Err(error),
+                Woke::Deadline => {
+                    let due = self.waiting_since + http.header_read_timeout;
+                    if Instant::now() >= due {
+                        tracing::debug!("no request head within header_read_timeout; closing");
+                        return Ok(Next::Ended);
+                    }
+                    self.deadline.as_mut().reset(due); // answered since it was set
+                }
+            }
+        }
+    }
+}
+
+/// What shapes one response on the wire, besides its own head.
+#[derive(Debug, Clone, Copy)]
+struct Exchange {
+    /// The request was `HEAD`: no body.
+    head_only: bool,
+    /// The request was CONNECT: a 2xx answer has no body and no framing.
+    connect: bool,
+    /// The client speaks HTTP/1.0: no chunked coding.
+    http10: bool,
+    /// What the connection does next, unless the response closes it.
+    after: After,
+}
+
+impl Exchange {
+    /// A response to a request that was not read (a refused head).
+    fn plain(after: After) -> Self {
+        Self {
+            head_only: false,
+            connect: false,
+            http10: false,
+            after,
+        }
+    }
+}
+
+/// Writes responses to a client: gathered, then written vectored.
+struct Writer {
+    /// What the next vectored write sends.
+    gathered: Vec<Bytes>,
+    /// How long one write may wait for the client to take bytes.
+    timeout: Duration,
+}
+
+impl Writer {
+    /// Writes `response` to `io` as `exchange` shapes it; whether the connection stays open.
+    async fn respond<W, B>(
+        &mut self,
+        io: &mut W,
+        response: Response<B>,
+        exchange: Exchange,
+    ) -> io::Result<bool>
+    where
+        W: AsyncWrite + Unpin,
+        B: Body<Data = Bytes> + CarriesHead,
+        B::Error: std::fmt::Display,
+    {
+        let (parts, mut body) = response.into_parts();
+        let status = parts.status;
+        let wire = body.take_wire_head();
+        let mut after = exchange.after;
+        if parts
+            .headers
+            .get_all(CONNECTION)
+            .iter()
+            .any(|v| has_token(v.as_bytes(), b"close"))
+        {
+            after = After::Close;
+        }
+        // The length the head declares: the upstream's (its wire head's, which frames the body
+        // as read), or one in the headers.
+        let declared = match &wire {
+            Some(wire) if wire.has_length => body.size_hint().exact(),
+            _ => parts
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| content_length(v.as_bytes())),
+        };
+        let framing = if exchange.head_only
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+            || (exchange.connect && status.is_success())
+        {
+            Framing::None
+        } else if let Some(n) = declared.or(body.size_hint().exact()) {
+            Framing::Length(n)
+        } else if exchange.http10 {
+            after = After::Close;
+            Framing::UntilClose
+        } else {
+            Framing::Chunked
+        };
+        let declared = declared.is_some() && !(exchange.connect && status.is_success());
+        let head = encode_head(
+            exchange.http10,
+            status,
+            &parts.headers,
+            wire.as_ref(),
+            framing,
+            declared,
+            after,
+        );
+        self.gathered.push(head.into());
+        let kept = after != After::Close;
+        if framing == Framing::None {
+            self.flush(io).await?;
+            return Ok(kept);
+        }
+        let mut body = pin!(body);
+        let mut sent = 0u64;
+        let mut gathered = 0;
+        loop {
+            // What the body has ready joins the head; the socket is written once it has no more.
+            let frame =
+                match std::future::poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await {
+                    Poll::Ready(frame) => frame,
+                    Poll::Pending => {
+                        self.flush(io).await?;
+                        gathered = 0;
+                        std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await
+                    }
+                };
+            let data = match frame {
+                None => break,
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if !data.is_empty() => data,
+                    _ => continue, // trailers are not sent on
+                },
+                Some(Err(error)) => {
+                    tracing::debug!(%error, "response body failed; closing");
+                    self.flush(io).await?;
+                    return Ok(false);
+                }
+            };
+            sent += data.len() as u64;
+            gathered += data.len();
+            match framing {
+                Framing::Length(n) if sent > n => {
+                    tracing::debug!(declared = n, "response body longer than declared; closing");
+                    self.flush(io).await?;
+                    return Ok(false);
+                }
+                Framing::Chunked => {
+                    self.gathered
+                        .push(format!("{:x}\r\n", data.len()).into_bytes().into());
+                    self.gathered.push(data);
+                    self.gathered.push(Bytes::from_static(b"\r\n"));
+                }
+                _ => self.gathered.push(data),
+            }
+            if self.gathered.len() + 3 > MAX_SLICES || gathered >= MAX_GATHERED {
+                self.flush(io).await?;
+                gathered = 0;
+            }
+        }
+        match framing {
+            Framing::Length(n) if sent < n => {
+                tracing::debug!(declared = n, sent, "response body ended short; closing");
+                self.flush(io).await?;
+                return Ok(false);
+            }
+            Framing::Chunked => self.gathered.push(Bytes::from_static(b"0\r\n\r\n")),
+            _ => {}
+        }
+        self.flush(io).await?;
+        Ok(kept)
+    }
+
+    /// Writes everything gathered to `io`, vectored, and empties it. Each write may wait at
+    /// most the write timeout for the client to take bytes (a timer is armed only when the
+    /// socket is full); a client that stops reading is cut off.
+    async fn flush<W: AsyncWrite + Unpin>(&mut self, io: &mut W) -> io::Result<()> {
+        let gathered = &mut self.gathered;
+        let mut first = 0;
+        while first < gathered.len() {
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let count = (gathered.len() - first).min(MAX_SLICES);
+            for (slice, bytes) in slices.iter_mut().zip(&gathered[first..]) {
+                *slice = IoSlice::new(bytes);
+            }
+            let mut write = pin!(io.write_vectored(&slices[..count]));
+            let mut n = match std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await
+            {
+                Poll::Ready(written) => written?,
+                Poll::Pending => {
+                    tokio::time::timeout(self.timeout, write)
+                        .await
+                        .map_err(|_| {
+                            io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading")
+                        })??
+                }
+            };
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            while n > 0 {
+                let bytes = &mut gathered[first];
+                if n >= bytes.len() {
+                    n -= bytes.len();
+                    first += 1;
+                } else {
+                    bytes.advance(n);
+                    n = 0;
+                }
+            }
+        }
+        gathered.clear();
+        Ok(())
+    }
+}
+
+/// Closes a connection whose client may still be sending: FIN first, then its bytes read and
+/// dropped for at most [`LINGER_TIME`] and [`LINGER_BYTES`], so that the close does not reset
+/// the answer away before the client has read it.
+async fn linger<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO) -> io::Result<()> {
+    io.shutdown().await?;
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        let mut drained = 0;
+        while drained < LINGER_BYTES {
+            match io.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+    Ok(())
+}
+
+/// Reads the client's next bytes into `buf`, making room (and a buffer) only once they are
+/// there; `Ok(0)` when it closed.
+async fn fill<IO: AsyncRead + Unpin>(io: &mut IO, buf: &mut BytesMut) -> io::Result<usize> {
+    if buf.is_empty() {
+        // A new head: read onto the stack, then keep what came in a buffer of its own size.
+        // A small allocation, where READ_SIZE is a large one (mimalloc's slow path: 8 KiB
+        // allocated and freed again for every request).
+        return std::future::poll_fn(|cx| {
+            let mut room = [MaybeUninit::<u8>::uninit(); READ_SIZE];
+            let mut read = ReadBuf::uninit(&mut room);
+            ready!(Pin::new(&mut *io).poll_read(cx, &mut read))?;
+            *buf = BytesMut::from(read.filled());
+            Poll::Ready(Ok(buf.len()))
+        })
+        .await;
+    }
+    if buf.capacity() - buf.len() < READ_SIZE / 2 {
+        buf.reserve(READ_SIZE);
+    }
+    // AsyncRead, not try_read: a read that leaves room clears the socket's readiness, so the
+    // next wait needs no read that finds nothing.
+    std::future::poll_fn(|cx: &mut Context<'_>| {
+        tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf)
+    })
+    .await
+}
+
+/// The server side on scripted IO: each case gives the bytes a client sends, in the reads it
+/// sends them in, and the bytes it must get back, in order; the script fails on any other
+/// write, and on a read or write it did not expect.
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use http_body_util::BodyExt;
+    use http_body_util::combinators::BoxBody;
+    use tokio_test::io::{Builder, Mock};
+
+    use super::*;
+
+    type TestBody = BoxBody<Bytes, Infallible>;
+
+    /// A response with a fixed `Date`, so that the bytes written are known.
+    fn answer(status: u16, body: &str) -> Response<TestBody> {
+        let mut response =
+            Response::new(http_body_util::Full::new(Bytes::from(body.to_owned())).boxed());
+        *response.status_mut() = StatusCode::from_u16(status).unwrap();
+        response
+            .headers_mut()
+            .insert(http::header::DATE, http::HeaderValue::from_static("x"));
+        response
+    }
+
+    /// The bytes of [`answer`] as written, `close` adding `Connection: close`.
+    fn wire(status: &str, body: &str, close: bool) -> String {
+        let close = if close { "connection: close\r\n" } else { "" };
+        format!(
+            "HTTP/1.1 {status}\r\ndate: x\r\ncontent-length: {}\r\n{close}\r\n{body}",
+            body.len()
+        )
+    }
+
+    /// Serves `io` with a service that reads each body whole and answers 200 `ok` (400 `bad`
+    /// if the body broke off); returns what it saw: method, target and body of each request.
+    async fn serve_script(io: Mock) -> Vec<String> {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let service = tower::service_fn(move |req: Request<RequestBody>| {
+            let log = log.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let Ok(body) = body.collect().await else {
+                    return Ok::<_, Infallible>(answer(400, "bad"));
+                };
+                let body = String::from_utf8_lossy(&body.to_bytes()).into_owned();
+                log.lock()
+                    .unwrap()
+                    .push(format!("{} {} {body}", parts.method, parts.uri));
+                Ok(answer(200, "ok"))
+            }
+        });
+        let refuse = |refusal: Refusal| {
+            let status = match refusal {
+                Refusal::HeadTooLarge | Refusal::TooManyHeaders => 431,
+                _ => 400,
+            };
+            answer(status, "refused")
+        };
+        let http = Http1 {
+            header_read_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(5),
+            hibernating: Gauge::default(),
+        };
+        let (_stop, stopped) = watch::channel(false);
+        serve(&http, io, BytesMut::new(), service, refuse, stopped)
+            .await
+            .unwrap();
+        seen.lock().unwrap().clone()
+    }
+
+    /// Every way of splitting `bytes` in two reads.
+    fn splits(bytes: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+        (1..bytes.len()).map(move |at| bytes.split_at(at))
+    }
+
+    const GET: &[u8] = b"GET /a?b=c HTTP/1.1\r\nHost: h\r\n\r\n";
+
+    #[tokio::test]
+    async fn a_head_split_anywhere_is_read_as_one() {
+        for (first, second) in splits(GET) {
+            let io = Builder::new()
+                .read(first)
+                .read(second)
+                .write(wire("200 OK", "ok", false).as_bytes())
+                .build();
+            assert_eq!(serve_script(io).await, ["GET /a?b=c "]);
+        }
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_are_answered_in_order() {
+        let two = [
+            GET,
+            b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhi",
+        ]
+        .concat();
+        let ok = wire("200 OK", "ok", false);
+        let io = Builder::new()
+            .read(&two)
+            .write(ok.as_bytes())
+            .write(ok.as_bytes())
+            .build();
+        assert_eq!(serve_script(io).await, ["GET /a?b=c ", "POST /p hi"]);
+    }
+
+    #[tokio::test]
+    async fn a_body_split_anywhere_streams_whole_and_the_next_request_follows() {
+        let ok = wire("200 OK", "ok", false);
+        for request in [
+            &b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 11\r\n\r\nhello world"[..],
+            b"POST /p HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n6\r\n world\r\n0\r\nT: 1\r\n\r\n",
+        ] {
+            for (first, second) in splits(request) {
+                let io = Builder::new()
+                    .read(first)
+                    .read(&[second, GET].concat())
+                    .write(ok.as_bytes())
+                    .write(ok.as_bytes())
+                    .build();
+                assert_eq!(
+                    serve_script(io).await,
+                    ["POST /p hello world", "GET /a?b=c "],
+                    "{:?} | {:?}",
+                    String::from_utf8_lossy(first),
+                    String::from_utf8_lossy(second)
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_expects_100_continue_gets_it_when_its_body_is_read() {
+        let io = Builder::new()
+            .read(
+                b"PUT /u HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n",
+            )
+            .write(CONTINUE)
+            .read(b"hi")
+            .write(wire("200 OK", "ok", false).as_bytes())
+            .build();
+        assert_eq!(serve_script(io).await, ["PUT /u hi"]);
+    }
+
+    #[tokio::test]
+    async fn broken_framing_is_refused_and_the_connection_closed() {
+        let refused = |status| wire(status, "refused", true);
+        for (request, status) in [
+            (&b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"[..], "400 Bad Request"),
+            (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", "400 Bad Request"),
+            (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", "400 Bad Request"),
+            (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", "400 Bad Request"),
+            (b"GET / HTTP/1.1\r\n\r\n", "400 Bad Request"),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "400 Bad Request"),
+            (b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", "400 Bad Request"),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n folded\r\n\r\n", "400 Bad Request"),
+        ] {
+            // What follows the refused head is never read as a request.
+            let io = Builder::new()
+                .read(&[request, GET].concat())
+                .write(refused(status).as_bytes())
+                .build();
+            assert_eq!(
+                serve_script(io).await,
+                Vec::<String>::new(),
+                "{:?}",
+                String::from_utf8_lossy(request)
+            );
+        }
+        let big = format!(
+            "GET / HTTP/1.1\r\nHost: h\r\nX: {}\r\n\r\n",
+            "a".repeat(super::super::MAX_HEADER_BYTES)
+        );
+        let io = Builder::new()
+            .read(big.as_bytes())
+            .write(refused("431 Request Header Fields Too Large").as_bytes())
+            .build();
+        assert!(serve_script(io).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_malformed_chunk_size_ends_the_body_and_the_connection() {
+        let io = Builder::new()
+            .read(b"POST /p HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n")
+            .read(GET)
+            .write(wire("400 Bad Request", "bad", true).as_bytes())
+            .build();
+        assert!(serve_script(io).await.is_empty(), "no request got through");
+    }
+
+    #[tokio::test]
+    async fn http_1_0_clients_close_unless_they_ask_to_keep_alive() {
+        let io = Builder::new()
+            .read(b"GET /old HTTP/1.0\r\n\r\n")
+            .write(
+                "HTTP/1.0 200 OK\r\ndate: x\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+                    .as_bytes(),
+            )
+            .build();
+        assert_eq!(serve_script(io).await, ["GET /old "]);
+        let io = Builder::new()
+            .read(b"GET /old HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .write(
+                "HTTP/1.0 200 OK\r\ndate: x\r\ncontent-length: 2\r\nconnection: keep-alive\r\n\r\nok"
+                    .as_bytes(),
+            )
+            .read(GET)
+            .write(wire("200 OK", "ok", false).as_bytes())
+            .build();
+        assert_eq!(serve_script(io).await, ["GET /old ", "GET /a?b=c "]);
+    }
+}
