@@ -17,7 +17,7 @@ use hyper_util::rt::TokioExecutor;
 use secrecy::SecretString;
 use tokengate::auth::crypto::{self, CipherTextLayout, EncryptionKey, SignatureAlg};
 use tokengate::ctx::Ctx;
-use tokengate::route::route_request;
+use tokengate::layers::route::route_request;
 use tokengate::sandbox::Sandbox;
 use tokengate::sandbox::auth::Agent;
 use tokengate::{Config, Gateway, Running};

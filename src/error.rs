@@ -46,7 +46,7 @@ pub enum ProxyError {
     UpstreamUnreachable(#[source] BoxError),
     /// The SSRF guard refused a tunnel target (its address class is named, not the address).
     #[error("tunnel target denied: {0}")]
-    TunnelDenied(crate::ssrf::Denied),
+    TunnelDenied(crate::upstream::ssrf::Denied),
     /// A tunnel target did not resolve, or refused the connection.
     #[error("tunnel target unreachable")]
     TunnelUnreachable(#[source] std::io::Error),
@@ -274,7 +274,7 @@ mod tests {
     /// Each cause appears once in a chain: a `Display` names its own step, never its source's.
     #[test]
     fn chains_name_each_cause_once() {
-        let connect = crate::pool::PoolError::Connect {
+        let connect = crate::upstream::pool::PoolError::Connect {
             authority: http::uri::Authority::from_static("api.internal:8080"),
             source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
         };

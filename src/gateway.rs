@@ -9,15 +9,15 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use crate::access::AccessPolicy;
 use crate::auth::cache::TokenSource;
 use crate::auth::exchange::{ExchangeParams, Exchanger};
 use crate::config::{Config, ConfigError, CredentialSecrets, SecretEnv, ServerConfig};
+use crate::layers::access::AccessPolicy;
+use crate::layers::route::{Route, RouteSpec, Routes};
 use crate::metrics::Metrics;
-use crate::pool::Pool;
-use crate::route::{Route, RouteSpec, Routes};
-use crate::ssrf::{Resolve, SystemResolver};
 use crate::upstream::UpstreamClient;
+use crate::upstream::pool::Pool;
+use crate::upstream::ssrf::{Resolve, SystemResolver};
 use crate::{tls, upstream};
 
 /// Everything the request path reads from the configuration, as of one load.

@@ -4,40 +4,27 @@
 //! encrypted exchange, keeps it fresh, injects `Authorization: Bearer`, forwards the request and
 //! replays it once with a fresh token on 401.
 //!
-//! Where things live:
+//! The tree is the map, outside-in:
 //!
-//! - [`config`]: `proxy.toml`, its defaults and validation.
-//! - [`gateway`]: the [`Gateway`]: what a config builds, as one snapshot that reloads swap.
-//! - [`server`]: listeners, the accept loop, graceful shutdown; [`front`]: tokengate's own
-//!   HTTP/1.1 server side for plain-TCP clients, which hands what it does not take on to hyper
-//!   through [`hibernate`] (until the connection idles); [`adapter`]: the stack served to hyper.
-//! - [`stack`]: the request path, assembled in one place. Its layers, outside-in:
-//!   [`record`] (span, metrics, access log), [`rescue`] (errors → JSON), [`access`] (allowed
-//!   clients, shared key; a tower filter),
-//!   [`shed`] (past `max_concurrent_requests` in flight, 503), [`tunnel`] (CONNECT to listed
-//!   targets, through [`ssrf`]),
-//!   [`route`] (match, rewrite, hop-by-hop; a tower filter), [`body`]
-//!   (limits, replayable bodies), [`retry`] (once on 401), [`auth::inject`] (bearer),
-//!   [`upstream`] (pooled clients; [`pool`]: the one for plain-HTTP upstreams, over
-//!   tokengate's own HTTP/1.1 client codec, [`h1`]).
-//! - [`ctx`]: what the layers tell each other about a request (its one extension).
-//! - [`error`]: every request-path error and the one place it becomes a response.
-//! - [`auth`]: the exchange ([`auth::exchange`], [`auth::crypto`]), [`auth::token`] and the
-//!   token cache ([`auth::cache`]).
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, the credentials API; [`metrics`]: the
+//! - [`server`]: listeners, the accept loop with its connection limit, TLS, telling HTTP/2
+//!   from HTTP/1, graceful shutdown; HTTP/2 is hyper's.
+//! - [`http1`]: tokengate's own HTTP/1.1, both sides: the server side that owns every byte of
+//!   an HTTP/1 client connection, the upstream client, and the rules and limits they share.
+//! - [`stack`]: the request path, assembled in one place from the middleware in [`layers`],
+//!   one per file.
+//! - [`upstream`]: the pooled clients toward upstreams, and the SSRF guard for tunnels.
+//! - [`auth`]: the token exchange, its crypto, tokens and the token cache with its keepers.
+//! - [`config`]: `proxy.toml`, its defaults and validation; [`gateway`]: what a config builds,
+//!   as one snapshot that reloads swap.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics` and the credentials API; [`metrics`]: the
 //!   Prometheus registry.
-//! - [`tls`]: outbound roots and inbound certificates; [`hop`]: hop-by-hop headers, framing;
-//!   [`framing`]: the watch on the client's bytes that finds `Content-Length` +
-//!   `Transfer-Encoding`;
-//!   [`chunked`]: the chunked coding, followed for the watch and decoded for [`h1`];
-//!   [`observe`]: the IO wrapper it (and the tunnels' idle timeout) reads through.
-//! - [`ssrf`]: the SSRF guard (resolve, classify, dial what was checked) for egress tunnels.
+//! - [`body`]: the bodies requests and responses travel in; [`ctx`]: what the layers tell each
+//!   other about a request; [`error`]: every request-path error and the one place it becomes a
+//!   response; [`tls`]: outbound roots and inbound certificates.
 //! - [`sandbox`]: a real auth server and upstream for the demo and the tests; [`demo`].
 
 #![forbid(unsafe_code)]
 
-pub mod access;
-pub mod adapter;
 pub mod admin;
 pub mod auth;
 pub mod body;
@@ -47,20 +34,12 @@ pub mod demo;
 pub mod error;
 pub mod gateway;
 pub mod http1;
+pub mod layers;
 pub mod metrics;
-pub mod observe;
-pub mod pool;
-pub mod record;
-pub mod rescue;
-pub mod retry;
-pub mod route;
 pub mod sandbox;
 pub mod server;
-pub mod shed;
-pub mod ssrf;
 pub mod stack;
 pub mod tls;
-pub mod tunnel;
 pub mod upstream;
 
 pub use config::Config;

@@ -1,5 +1,5 @@
 //! Prometheus metrics (`/metrics` on the admin listener). Requests are recorded by the observing
-//! middleware, [`crate::record`].
+//! middleware, [`crate::layers::record`].
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
@@ -138,7 +138,8 @@ impl Metrics {
         })
     }
 
-    /// The gauge of hibernating client connections ([`crate::hibernate`]).
+    /// The gauge of HTTP/1 client connections waiting between requests without a buffer
+    /// ([`crate::http1::server`]).
     pub fn hibernating(&self) -> Gauge {
         self.hibernating.clone()
     }

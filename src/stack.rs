@@ -7,20 +7,21 @@ use http::Request;
 use tower::filter::FilterLayer;
 use tower::{Service, ServiceBuilder};
 
-use crate::access::AccessCheck;
-use crate::auth::inject::InjectBearerLayer;
-use crate::body::{BodyLimits, ClientBody, ProxyResponse, ReplayBodyLayer};
+use crate::body::{ClientBody, ProxyResponse};
 use crate::config::Config;
 use crate::gateway::SharedLive;
+use crate::layers::access::AccessCheck;
+use crate::layers::inject_bearer::InjectBearerLayer;
+use crate::layers::record::RecordLayer;
+use crate::layers::replay_body::{BodyLimits, ReplayBodyLayer};
+use crate::layers::rescue::RescueLayer;
+use crate::layers::retry::RetryOn401Layer;
+use crate::layers::route::RouteMatch;
+use crate::layers::shed::ShedLayer;
+use crate::layers::tunnel::TunnelLayer;
 use crate::metrics::Metrics;
-use crate::record::RecordLayer;
-use crate::rescue::RescueLayer;
-use crate::retry::RetryOn401Layer;
-use crate::route::RouteMatch;
-use crate::shed::ShedLayer;
-use crate::ssrf::Resolve;
-use crate::tunnel::TunnelLayer;
 use crate::upstream::Upstream;
+use crate::upstream::ssrf::Resolve;
 
 /// The proxy's service for one listener: every request in, every response (or JSON error) out.
 pub fn proxy(

@@ -101,7 +101,7 @@ async fn egress_clients_curl_python_requests_and_http_1_0_reach_the_routed_host_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_tunnels_only_to_listed_targets_whose_addresses_pass_the_ssrf_guard() {
     use std::collections::HashMap;
-    use tokengate::ssrf::StaticResolver;
+    use tokengate::upstream::ssrf::StaticResolver;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let (echo, seen) = echo_server().await;
@@ -177,7 +177,7 @@ async fn connect_tunnels_only_to_listed_targets_whose_addresses_pass_the_ssrf_gu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_through_a_tunnel_reaches_the_upstream_without_a_token() {
     use std::collections::HashMap;
-    use tokengate::ssrf::StaticResolver;
+    use tokengate::upstream::ssrf::StaticResolver;
 
     let dns = StaticResolver(HashMap::from([(
         "upstream.test".to_owned(),

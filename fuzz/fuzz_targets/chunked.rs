@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tokengate::chunked::{Advance, Chunk};
+use tokengate::http1::chunked::{Advance, Chunk};
 
 /// The data decoded, and how many bytes were left after the body's end; `None` if refused or
 /// not ended. `cuts` are the piece lengths, cycled.

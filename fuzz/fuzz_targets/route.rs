@@ -7,7 +7,7 @@ use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
 use tokengate::Gateway;
-use tokengate::route::{RouteCtx, route_request};
+use tokengate::layers::route::{RouteCtx, route_request};
 
 static GATEWAY: LazyLock<Gateway> = LazyLock::new(|| {
     let text = r#"

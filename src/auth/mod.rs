@@ -4,5 +4,4 @@ pub mod backoff;
 pub mod cache;
 pub mod crypto;
 pub mod exchange;
-pub mod inject;
 pub mod token;

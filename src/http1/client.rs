@@ -5,11 +5,11 @@
 //!
 //! Everything runs in the task serving the client, as in nginx: no connection task, no channels
 //! between the request and its connection, one read for a small response. hyper's client
-//! ([`crate::pool`] keeps it for request bodies that stream) pays for both on every request;
+//! ([`crate::upstream::pool`] keeps it for request bodies that stream) pays for both on every request;
 //! `docs/BENCHMARKS.md` has the measurements.
 //!
 //! Response framing follows RFC 9112 §6.3, as hyper's client does: no body for `HEAD`, 1xx, 204
-//! and 304; `Transfer-Encoding` ending in `chunked` is decoded ([`crate::chunked`]; trailers are
+//! and 304; `Transfer-Encoding` ending in `chunked` is decoded ([`super::chunked`]; trailers are
 //! read and dropped), any other `Transfer-Encoding` and a missing length read until the upstream
 //! closes; `Content-Length` values must agree. Informational responses (100, 103) are skipped;
 //! 101 is refused, since tokengate never asks for an upgrade. A connection goes back to its

@@ -21,10 +21,11 @@ use std::convert::Infallible;
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::{Pin, pin};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures_util::future::Either;
 use http::header::CONNECTION;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body;
@@ -32,7 +33,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{oneshot, watch};
 use tokio::time::{Instant, Sleep};
-use tower::Service;
+use tower::util::Oneshot;
+use tower::{Service, ServiceExt};
 
 use super::READ_SIZE;
 use super::fields::{content_length, has_token};
@@ -146,7 +148,7 @@ where
             let body = (length > 0).then(|| conn.buf.split_to(length as usize).freeze());
             let request = request.map(|()| RequestBody::Whole(body));
             // The connection's own copy of the service: its requests come one at a time.
-            let Ok(response) = crate::adapter::call_mut(&mut service, request).await;
+            let Ok(response) = call_mut(&mut service, request).await;
             let upgrading = exchange.connect && response.status().is_success();
             let kept = conn
                 .writer
@@ -179,7 +181,7 @@ where
             };
             let body = Streaming::new(source, length, back, wanted);
             let request = request.map(|()| RequestBody::Streaming(body));
-            let answer = crate::adapter::call_mut(&mut service, request);
+            let answer = call_mut(&mut service, request);
             let Ok(response) = match continue_wanted {
                 None => answer.await,
                 Some(continue_wanted) => {
@@ -219,6 +221,22 @@ where
             }
         }
         conn.waiting_since = Instant::now(); // the deadline catches up when it fires
+    }
+}
+
+/// Hands `req` to `service` in this step if it is ready at once, else to a clone of it through
+/// tower's `Oneshot`, which waits for its readiness.
+pub fn call_mut<S: Service<R> + Clone, R>(
+    service: &mut S,
+    req: R,
+) -> Either<S::Future, Oneshot<S, R>> {
+    // A service ready at once never looks at the waker; one that is not gets a real one
+    // from the Oneshot below.
+    let mut cx = Context::from_waker(Waker::noop());
+    match service.poll_ready(&mut cx) {
+        Poll::Ready(Ok(())) => Either::Left(service.call(req)),
+        // Not ready, or failed: the Oneshot polls it again and reports what it says.
+        _ => Either::Right(service.clone().oneshot(req)),
     }
 }
 

@@ -47,7 +47,7 @@ pub struct Setup {
     /// Lines for a `[forward]` table.
     pub forward: String,
     /// How tunnel targets resolve (the system resolver if `None`).
-    pub resolver: Option<Arc<dyn tokengate::ssrf::Resolve>>,
+    pub resolver: Option<Arc<dyn tokengate::upstream::ssrf::Resolve>>,
     /// The signature the sandbox agent expects.
     pub agent_signature: SignatureAlg,
     /// The cipherText layout the sandbox agent expects.

@@ -3,7 +3,7 @@
 //! what is dialled is exactly what was checked (no second lookup an attacker's DNS could
 //! answer differently).
 //!
-//! [`crate::tunnel`] uses it for CONNECT.
+//! [`crate::layers::tunnel`] uses it for CONNECT.
 
 use std::collections::HashMap;
 use std::io;

@@ -1,6 +1,9 @@
 //! The upstream client: tokengate's own connection pool and client for plain-HTTP upstreams
-//! ([`Pool`], [`crate::h1`]), hyper-util's pooled client over rustls for HTTPS ones; bounded by
+//! ([`Pool`], [`crate::http1::client`]), hyper-util's pooled client over rustls for HTTPS ones; bounded by
 //! `request_timeout`, with hop-by-hop headers removed from the response.
+
+pub mod pool;
+pub mod ssrf;
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -16,8 +19,8 @@ use tower::Service;
 use crate::body::{BodyError, Guarded, PeerBody, ProxyBody, ProxyResponse, Side};
 use crate::ctx::Ctx;
 use crate::error::{BoxError, ProxyError};
-use crate::pool::{Pool, PoolError};
 use crate::tls::Connector;
+use crate::upstream::pool::{Pool, PoolError};
 
 /// How long an idle pooled upstream connection is kept.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);

@@ -1,8 +1,10 @@
 //! CONNECT tunnels for egress clients: a target listed in `[forward] tunnel_allow`, resolved
-//! and checked by the SSRF guard ([`crate::ssrf`]), dialled at exactly the checked address, and
+//! and checked by the SSRF guard ([`crate::upstream::ssrf`]), dialled at exactly the checked address, and
 //! bytes copied both ways. Tunnels are blind: they carry no token.
 //!
 //! Without `tunnel_allow`, CONNECT passes on and the route layer answers 405.
+
+pub mod observe;
 
 use std::io;
 use std::sync::Arc;
@@ -25,8 +27,8 @@ use crate::error::{BoxError, ProxyError};
 use crate::gateway::SharedLive;
 use crate::http1::OnUpgrade;
 use crate::http1::upgrade::Io;
-use crate::observe::{Observed, Observer};
-use crate::ssrf::{self, GuardError, Resolve};
+use crate::layers::tunnel::observe::{Observed, Observer};
+use crate::upstream::ssrf::{self, GuardError, Resolve};
 
 /// Opens CONNECT tunnels to listed targets; passes every other request on.
 #[derive(Clone)]

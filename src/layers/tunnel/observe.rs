@@ -1,6 +1,5 @@
 //! An IO wrapper that shows an observer what passes: the bytes read, and how many were written.
-//! The framing watch ([`crate::framing`]) reads client bytes through it; tunnels
-//! ([`crate::tunnel`]) note activity through it for their idle timeout.
+//! Tunnels ([`crate::layers::tunnel`]) note activity through it for their idle timeout.
 
 use std::io;
 use std::pin::Pin;

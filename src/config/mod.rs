@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 
 use crate::auth::crypto::{CipherTextLayout, EncryptionKey, SignatureAlg};
-use crate::route::ClientAuthorization;
+use crate::layers::route::ClientAuthorization;
 
 /// The largest `max_replay_body` accepted, in bytes.
 pub const MAX_REPLAY_BODY_LIMIT: usize = 16 * 1024 * 1024;
@@ -162,7 +162,7 @@ impl Default for AdminConfig {
 
 /// `[forward]`: blind CONNECT tunnels for egress clients. They carry no token (the proxy cannot
 /// see inside them), so each target must be listed, and every address it resolves to passes
-/// the SSRF guard ([`crate::ssrf`]).
+/// the SSRF guard ([`crate::upstream::ssrf`]).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ForwardConfig {
@@ -773,7 +773,7 @@ credential = "partner"
 
     #[test]
     fn shipped_proxy_toml_is_valid_and_uses_the_defaults() {
-        let text = include_str!("../proxy.toml");
+        let text = include_str!("../../proxy.toml");
         let c = Config::parse(text, "proxy.toml").unwrap();
         assert_eq!(c.server.listen, ServerConfig::default().listen);
         assert_eq!(c.admin.listen, AdminConfig::default().listen);
@@ -813,13 +813,13 @@ credential = "partner"
 
     #[test]
     fn shipped_compose_config_is_valid() {
-        let c = Config::parse(include_str!("../deploy/compose/proxy.toml"), "compose").unwrap();
+        let c = Config::parse(include_str!("../../deploy/compose/proxy.toml"), "compose").unwrap();
         assert_eq!(c.routes[0].host.as_deref(), Some("api.example.com"));
     }
 
     #[test]
     fn shipped_local_config_is_valid() {
-        let c = Config::parse(include_str!("../deploy/local/proxy.toml"), "local").unwrap();
+        let c = Config::parse(include_str!("../../deploy/local/proxy.toml"), "local").unwrap();
         assert_eq!(c.routes.len(), 2);
         assert!(c.warnings("local").is_empty());
     }
@@ -827,7 +827,7 @@ credential = "partner"
     #[test]
     fn shipped_kubernetes_config_is_valid() {
         // The ConfigMap's `proxy.toml: |` block, de-indented.
-        let manifest = include_str!("../deploy/kubernetes/tokengate.yaml");
+        let manifest = include_str!("../../deploy/kubernetes/tokengate.yaml");
         let (_, rest) = manifest.split_once("proxy.toml: |\n").unwrap();
         let block = rest.split("\n---").next().unwrap();
         let text: String = block

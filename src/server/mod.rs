@@ -1,6 +1,8 @@
 //! Serving a [`Gateway`]: its listeners, the accept loop with a connection limit, and graceful
 //! shutdown.
 
+pub mod hyper_service;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,13 +28,13 @@ use tokio::task::JoinSet;
 use tokio::time::Sleep;
 use tower::{Service, ServiceExt};
 
-use crate::adapter::Hyper;
 use crate::body::ClientBody;
 use crate::config::ServerConfig;
 use crate::ctx::Ctx;
 use crate::error::{BoxError, ProxyError};
 use crate::gateway::Gateway;
 use crate::http1::{self, CarriesHead, Refusal, RequestBody, Rewound};
+use crate::server::hyper_service::Hyper;
 use crate::{admin, stack, tls};
 
 /// The most connections the admin listener serves at once.

@@ -1,7 +1,7 @@
 //! tokengate's pool of HTTP/1.1 connections to one plain-HTTP upstream.
 //!
 //! A request whose body the proxy holds whole (none, or one buffered for replay) goes out
-//! through tokengate's own client codec ([`crate::h1`]) on a pooled connection, driven by the
+//! through tokengate's own client codec ([`crate::http1::client`]) on a pooled connection, driven by the
 //! task serving the client. A request whose body streams goes through hyper's client, which
 //! reads an early response while the body is still being sent.
 //!

@@ -1,0 +1,16 @@
+//! The tower middleware of the request path, one per file; [`crate::stack`] assembles them, in
+//! the order a request meets them: [`record`] (span, metrics, access log), [`rescue`] (errors
+//! become their JSON responses), [`access`] (allowed clients, shared key), [`shed`] (load past
+//! `max_concurrent_requests`), [`tunnel`] (CONNECT to listed targets), [`route`] (match,
+//! rewrite, hop-by-hop), [`replay_body`] (limits, replayable bodies), [`retry`] (once on 401),
+//! [`inject_bearer`] (the token).
+
+pub mod access;
+pub mod inject_bearer;
+pub mod record;
+pub mod replay_body;
+pub mod rescue;
+pub mod retry;
+pub mod route;
+pub mod shed;
+pub mod tunnel;
