@@ -119,7 +119,7 @@ where
             framing,
             keep_alive,
             expects_continue,
-        } = *head;
+        } = head;
         let after = if !keep_alive || *stop.borrow() {
             After::Close
         } else if request.version() == Version::HTTP_10 {
@@ -248,9 +248,10 @@ enum Woke {
 }
 
 /// What a connection read next.
+#[allow(clippy::large_enum_variant)] // returned once per request; a box would cost an allocation
 enum Next {
     /// A request head, taken out of the buffer.
-    Head(Box<Head>),
+    Head(Head),
     /// A head that is refused.
     Refused(Refusal),
     /// The client closed, idled too long, or the listener stops.
@@ -281,7 +282,7 @@ impl<IO: AsyncRead + Unpin> Conn<IO> {
         loop {
             if !self.buf.is_empty() {
                 match request::parse(&mut self.buf, &mut self.names) {
-                    Ok(Some(head)) => return Ok(Next::Head(Box::new(head))),
+                    Ok(Some(head)) => return Ok(Next::Head(head)),
                     Ok(None) => {}
                     Err(refusal) => return Ok(Next::Refused(refusal)),
                 }
