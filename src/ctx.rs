@@ -13,7 +13,7 @@ use std::time::Instant;
 use http::Request;
 
 use crate::body::ProxyBody;
-use crate::layers::route::RouteCtx;
+use crate::gateway::routes::RouteCtx;
 
 /// No token was injected.
 const NO_TOKEN: u64 = u64::MAX;

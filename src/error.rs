@@ -252,24 +252,10 @@ fn method_refusal(method: &http::Method) -> String {
     }
 }
 
-/// Displays an error with its chain of sources, `outer: inner: root`.
-pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for Chain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(e) = source {
-            write!(f, ": {e}")?;
-            source = e.source();
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ErrorChain;
 
     /// Each cause appears once in a chain: a `Display` names its own step, never its source's.
     #[test]
@@ -280,7 +266,7 @@ mod tests {
         };
         let error = ProxyError::UpstreamUnreachable(Box::new(connect));
         assert_eq!(
-            Chain(&error).to_string(),
+            ErrorChain(&error).to_string(),
             "upstream unreachable: connect to api.internal:8080: connection refused"
         );
 
@@ -290,7 +276,7 @@ mod tests {
             retry_after: Duration::ZERO,
         };
         assert_eq!(
-            Chain(&error).to_string(),
+            ErrorChain(&error).to_string(),
             "credential partner: auth exchange timed out after 5s"
         );
         assert_eq!(

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use tokengate::ErrorChain;
 use tokengate::config::{Config, ConfigError, ProcessEnv, SecretSource};
-use tokengate::error::Chain;
 use tokengate::{Gateway, demo};
 
 /// mimalloc: fewer instructions per request than glibc's malloc (docs/BENCHMARKS.md).
@@ -139,7 +139,9 @@ fn main() -> ExitCode {
             Command::Run { config } => run(&config).await,
             Command::Check { config } => check(&config),
             Command::Token { config, name, show } => token(&config, &name, show).await,
-            Command::Demo { listen } => demo::run(listen).await.map_err(|e| Chain(&e).to_string()),
+            Command::Demo { listen } => demo::run(listen)
+                .await
+                .map_err(|e| ErrorChain(&e).to_string()),
             Command::Sandbox { server } => sandbox(server).await,
         }
     });
@@ -228,7 +230,7 @@ async fn run(path: &Path) -> Result<(), String> {
     let running = gateway
         .start()
         .await
-        .map_err(|e| format!("{}: {}", path.display(), Chain(&e)))?;
+        .map_err(|e| format!("{}: {}", path.display(), ErrorChain(&e)))?;
     let signals = |kind| signal(kind).map_err(|e| format!("cannot watch signals: {e}"));
     let (mut hangup, mut terminate, mut interrupt) = (
         signals(SignalKind::hangup())?,
@@ -317,7 +319,7 @@ async fn token(path: &Path, name: &str, show: bool) -> Result<(), String> {
         format!(
             "{}: credentials.{name}: the exchange with auth_url {auth_url} failed: {}",
             path.display(),
-            Chain(&*e)
+            ErrorChain(&*e)
         )
     })?;
     let now = Instant::now();

@@ -1,10 +1,9 @@
 //! Prometheus metrics (`/metrics` on the admin listener). Requests are recorded by the observing
 //! middleware, [`crate::layers::record`].
 
-use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -12,8 +11,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-
-use crate::auth::cache::TokenSource;
 
 /// The label of requests no route matched.
 pub const NO_ROUTE: &str = "none";
@@ -182,26 +179,35 @@ impl Metrics {
         self.retries.get_or_create(&labels).inc();
     }
 
-    /// The Prometheus text exposition, with the token gauges read from `credentials` now.
-    pub async fn render(&self, credentials: &BTreeMap<String, TokenSource>) -> String {
-        let now = Instant::now();
-        for (name, source) in credentials {
+    /// The Prometheus text exposition, with the token gauges set from `tokens` first.
+    pub fn render<'a>(&self, tokens: impl IntoIterator<Item = TokenReading<'a>>) -> String {
+        for token in tokens {
             let labels = CredentialLabels {
-                credential: name.clone(),
+                credential: token.credential.to_owned(),
             };
-            let expiry = source.current().await.map_or(0.0, |t| {
-                t.expires_at().saturating_duration_since(now).as_secs_f64()
-            });
-            self.token_expiry.get_or_create(&labels).set(expiry);
+            self.token_expiry
+                .get_or_create(&labels)
+                .set(token.expires_in.as_secs_f64());
             self.backoff_active
                 .get_or_create(&labels)
-                .set(i64::from(source.backing_off()));
+                .set(i64::from(token.backing_off));
         }
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// One credential's token, as the token gauges show it.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenReading<'a> {
+    /// The credential's name.
+    pub credential: &'a str,
+    /// How long its current token has left (zero without one).
+    pub expires_in: Duration,
+    /// Whether it is backing off after a failed exchange.
+    pub backing_off: bool,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -226,7 +232,7 @@ mod tests {
         metrics.request(Some((&name, &after)), 200, took);
         metrics.request(Some((&name, &after)), 404, took);
         metrics.request(None, 200, took);
-        let text = metrics.render(&BTreeMap::new()).await;
+        let text = metrics.render([]);
         let series = |labels: &str| {
             text.lines()
                 .filter(|l| l.starts_with(&format!("tokengate_requests_total{{{labels}}} ")))

@@ -11,6 +11,7 @@ use crate::body::{ClientBody, ProxyResponse};
 use crate::config::Config;
 use crate::gateway::SharedLive;
 use crate::layers::access::AccessCheck;
+use crate::layers::forward::Forward;
 use crate::layers::inject_bearer::InjectBearerLayer;
 use crate::layers::record::RecordLayer;
 use crate::layers::replay_body::{BodyLimits, ReplayBodyLayer};
@@ -20,7 +21,6 @@ use crate::layers::route::RouteMatch;
 use crate::layers::shed::ShedLayer;
 use crate::layers::tunnel::TunnelLayer;
 use crate::metrics::Metrics;
-use crate::upstream::Upstream;
 use crate::upstream::ssrf::Resolve;
 
 /// The proxy's service for one listener: every request in, every response (or JSON error) out.
@@ -69,7 +69,7 @@ pub fn proxy(
         // Set Authorization from the cache (or the one shared exchange); after stripping.
         .layer(InjectBearerLayer)
         // Pooled http/https client, bounded by request_timeout; response bodies by idleness.
-        .service(Upstream::new(
+        .service(Forward::new(
             server.request_timeout,
             server.connect_timeout,
             server.body_idle_timeout,

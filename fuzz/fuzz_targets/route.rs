@@ -7,7 +7,8 @@ use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
 use tokengate::Gateway;
-use tokengate::layers::route::{RouteCtx, route_request};
+use tokengate::gateway::routes::RouteCtx;
+use tokengate::layers::route::route_request;
 
 static GATEWAY: LazyLock<Gateway> = LazyLock::new(|| {
     let text = r#"

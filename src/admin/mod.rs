@@ -5,17 +5,18 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
+use crate::ErrorChain;
 use crate::auth::cache::{Readiness, TokenSource};
 use crate::body::{ClientBody, ProxyBody, ProxyResponse};
-use crate::error::{Chain, ProxyError};
+use crate::error::ProxyError;
 use crate::gateway::{Live, SharedLive};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, TokenReading};
 
 /// The admin service over the current snapshot's credentials.
 pub fn service(
@@ -47,7 +48,18 @@ async fn handle(req: Request<ClientBody>, live: &Live, metrics: &Metrics) -> Pro
         (&Method::GET, "/healthz") => json_response(StatusCode::OK, json!({ "status": "ok" })),
         (&Method::GET, "/readyz") => readyz(live),
         (&Method::GET, "/metrics") => {
-            let mut response = Response::new(ProxyBody::full(metrics.render(credentials).await));
+            let now = Instant::now();
+            let mut readings = Vec::with_capacity(credentials.len());
+            for (name, source) in credentials {
+                let expires_at = source.current().await.map(|t| t.expires_at());
+                readings.push(TokenReading {
+                    credential: name,
+                    expires_in: expires_at
+                        .map_or(Duration::ZERO, |at| at.saturating_duration_since(now)),
+                    backing_off: source.backing_off(),
+                });
+            }
+            let mut response = Response::new(ProxyBody::full(metrics.render(readings)));
             response.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static(
@@ -106,7 +118,7 @@ fn readyz(live: &Live) -> ProxyResponse {
             Readiness::Ready => {}
             Readiness::Warming => warming.push(name.as_str()),
             Readiness::Failing => {
-                let error = source.last_error().map(|e| Chain(&*e).to_string());
+                let error = source.last_error().map(|e| ErrorChain(&*e).to_string());
                 failing.insert(name.clone(), json!({ "last_error": error }));
             }
         }
@@ -145,7 +157,7 @@ async fn describe(source: &TokenSource) -> serde_json::Value {
         "age_s": token.as_ref().map(|t| now.saturating_duration_since(t.obtained_at()).as_secs()),
         "generation": token.as_ref().map(|t| t.generation()),
         "backing_off": source.backing_off(),
-        "last_error": source.last_error().map(|e| Chain(&*e).to_string()),
+        "last_error": source.last_error().map(|e| ErrorChain(&*e).to_string()),
         "last_log_uuid": source.last_log_uuid(),
         "exchanges": source.exchanges(),
     })

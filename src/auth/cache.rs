@@ -12,19 +12,21 @@
 //! sets the snapshot, and every removal clears it (a 401's only if it names the same token).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use http::HeaderValue;
-use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
 
 use moka::Expiry;
 use moka::future::Cache;
 use moka::ops::compute::Op;
+use secrecy::SecretString;
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
 use super::backoff::{Backoff, NoToken};
+use super::crypto::EncryptionKey;
 use super::exchange::{AuthError, Exchanger};
 use super::token::Token;
 use crate::metrics::Metrics;
@@ -214,10 +216,8 @@ impl TokenSource {
     }
 
     /// Whether this source exchanges with exactly these secrets (compared in constant time).
-    pub fn has_secrets(&self, secrets: &crate::config::CredentialSecrets) -> bool {
-        self.inner
-            .exchanger
-            .has_secrets(&secrets.secret, &secrets.key)
+    pub fn has_secrets(&self, secret: &SecretString, key: &EncryptionKey) -> bool {
+        self.inner.exchanger.has_secrets(secret, key)
     }
 
     /// How many exchanges this source has started.
@@ -333,7 +333,7 @@ impl Inner {
                 let delay = self.backoff.failed(error.clone(), Instant::now());
                 tracing::warn!(
                     credential = %self.name,
-                    error = %crate::error::Chain(&**error),
+                    error = %crate::ErrorChain(&**error),
                     auth_log_uuid = error.log_uuid(),
                     backoff_ms = delay.as_millis() as u64,
                     "token exchange failed"

@@ -13,7 +13,6 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 
 use crate::auth::crypto::{CipherTextLayout, EncryptionKey, SignatureAlg};
-use crate::layers::route::ClientAuthorization;
 
 /// The largest `max_replay_body` accepted, in bytes.
 pub const MAX_REPLAY_BODY_LIMIT: usize = 16 * 1024 * 1024;
@@ -30,6 +29,30 @@ pub struct ConfigError {
     pub key: String,
     /// What is wrong with it.
     pub problem: String,
+}
+
+/// What to do with an `Authorization` header the client sent itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientAuthorization {
+    /// Drop the client's header and inject the credential's token (the default).
+    #[default]
+    Replace,
+    /// Forward the client's header as it is and inject nothing; no retry on 401.
+    Keep,
+    /// Refuse the request with 400 `bad_request`.
+    Reject,
+}
+
+impl std::fmt::Display for ClientAuthorization {
+    /// The config's spelling.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Replace => "replace",
+            Self::Keep => "keep",
+            Self::Reject => "reject",
+        })
+    }
 }
 
 /// The whole `proxy.toml`.

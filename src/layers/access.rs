@@ -1,73 +1,23 @@
 //! Who may use the credentials: the client's address must be in `allowed_clients`, and the
 //! request must carry the shared `require_header` key (compared in constant time, then removed).
 
-use std::net::IpAddr;
-use std::sync::Arc;
-
 use http::Request;
-use http::header::HeaderName;
-use ipnet::IpNet;
-use secrecy::{ExposeSecret, SecretString};
-use subtle::ConstantTimeEq;
 use tower::filter::Predicate;
 
 use crate::ctx::Ctx;
 use crate::error::{BoxError, ProxyError};
 use crate::gateway::SharedLive;
+use crate::gateway::access::AccessPolicy;
 
-/// The access policy of the proxy listener.
-#[derive(Clone, Default)]
-pub struct AccessPolicy {
-    /// Networks clients may connect from; `None` allows any.
-    pub allowed_clients: Option<Arc<[IpNet]>>,
-    /// A header every request must carry with exactly this value.
-    pub required_header: Option<Arc<(HeaderName, SecretString)>>,
-}
-
-impl AccessPolicy {
-    /// Checks `req` against the policy and removes the shared key header.
-    pub fn check<B>(&self, req: &mut Request<B>) -> Result<(), ProxyError> {
-        if let Some(allowed) = &self.allowed_clients {
-            let ip = Ctx::of(req)
-                .and_then(Ctx::peer)
-                .map(|a| canonical(a.ip()))
-                .ok_or(ProxyError::Forbidden("client address unknown"))?;
-            if !allowed.iter().any(|net| net.contains(&ip)) {
-                return Err(ProxyError::Forbidden("client address not allowed"));
-            }
-        }
-        if let Some(required) = &self.required_header {
-            let (name, expected) = &**required;
-            let presented = req.headers_mut().remove(name);
-            let ok = presented.is_some_and(|v| {
-                bool::from(v.as_bytes().ct_eq(expected.expose_secret().as_bytes()))
-            });
-            if !ok {
-                return Err(ProxyError::Forbidden("client key missing or wrong"));
-            }
-        }
-        Ok(())
-    }
-}
-
-/// IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) are matched as the IPv4 address they carry.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
-
-impl std::fmt::Debug for AccessPolicy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AccessPolicy")
-            .field("allowed_clients", &self.allowed_clients)
-            .field(
-                "required_header",
-                &self.required_header.as_ref().map(|r| &r.0),
-            )
-            .finish()
-    }
+/// Checks `req` against `policy` and removes the shared key header (it is not forwarded).
+fn check<B>(policy: &AccessPolicy, req: &mut Request<B>) -> Result<(), ProxyError> {
+    let peer = Ctx::of(req).and_then(Ctx::peer).map(|a| a.ip());
+    let key = policy
+        .key_header()
+        .and_then(|name| req.headers_mut().remove(name));
+    policy
+        .admits(peer, key.as_ref())
+        .map_err(ProxyError::Forbidden)
 }
 
 /// The access check as a tower [`Predicate`] (for `tower::filter::FilterLayer`): refuses
@@ -88,13 +38,18 @@ impl<B> Predicate<Request<B>> for AccessCheck {
     type Request = Request<B>;
 
     fn check(&mut self, mut req: Request<B>) -> Result<Request<B>, BoxError> {
-        self.live.load().access.check(&mut req)?;
+        check(&self.live.load().access, &mut req)?;
         Ok(req)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use http::header::HeaderName;
+    use secrecy::SecretString;
+
     use super::*;
 
     fn request(peer: &str, key: Option<&str>) -> Request<()> {
@@ -116,15 +71,11 @@ mod tests {
             ),
             required_header: None,
         };
-        assert!(policy.check(&mut request("10.1.2.3:5000", None)).is_ok());
-        assert!(
-            policy
-                .check(&mut request("[::ffff:10.1.2.3]:5000", None))
-                .is_ok()
-        );
-        assert!(policy.check(&mut request("[::1]:5000", None)).is_ok());
-        assert!(policy.check(&mut request("10.2.0.1:5000", None)).is_err());
-        assert!(policy.check(&mut request("127.0.0.1:5000", None)).is_err());
+        assert!(check(&policy, &mut request("10.1.2.3:5000", None)).is_ok());
+        assert!(check(&policy, &mut request("[::ffff:10.1.2.3]:5000", None)).is_ok());
+        assert!(check(&policy, &mut request("[::1]:5000", None)).is_ok());
+        assert!(check(&policy, &mut request("10.2.0.1:5000", None)).is_err());
+        assert!(check(&policy, &mut request("127.0.0.1:5000", None)).is_err());
     }
 
     #[test]
@@ -137,22 +88,14 @@ mod tests {
             ))),
         };
         let mut ok = request("127.0.0.1:1", Some("k3y"));
-        assert!(policy.check(&mut ok).is_ok());
+        assert!(check(&policy, &mut ok).is_ok());
         assert!(
             !ok.headers().contains_key("x-tokengate-key"),
             "not forwarded upstream"
         );
-        assert!(
-            policy
-                .check(&mut request("127.0.0.1:1", Some("k3")))
-                .is_err()
-        );
-        assert!(
-            policy
-                .check(&mut request("127.0.0.1:1", Some("k3yy")))
-                .is_err()
-        );
-        assert!(policy.check(&mut request("127.0.0.1:1", None)).is_err());
+        assert!(check(&policy, &mut request("127.0.0.1:1", Some("k3"))).is_err());
+        assert!(check(&policy, &mut request("127.0.0.1:1", Some("k3yy"))).is_err());
+        assert!(check(&policy, &mut request("127.0.0.1:1", None)).is_err());
         assert!(!format!("{policy:?}").contains("k3y"));
     }
 }

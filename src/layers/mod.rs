@@ -3,9 +3,11 @@
 //! become their JSON responses), [`access`] (allowed clients, shared key), [`shed`] (load past
 //! `max_concurrent_requests`), [`tunnel`] (CONNECT to listed targets), [`route`] (match,
 //! rewrite, hop-by-hop), [`replay_body`] (limits, replayable bodies), [`retry`] (once on 401),
-//! [`inject_bearer`] (the token).
+//! [`inject_bearer`] (the token); then [`forward`], the service at the core that sends the
+//! request upstream.
 
 pub mod access;
+pub mod forward;
 pub mod inject_bearer;
 pub mod record;
 pub mod replay_body;

@@ -9,8 +9,9 @@ use http::Request;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
+use crate::ErrorChain;
 use crate::body::ProxyResponse;
-use crate::error::{Chain, ProxyError};
+use crate::error::ProxyError;
 
 /// Turns every error of the inner stack into its JSON response.
 #[derive(Debug, Clone, Copy, Default)]
@@ -102,9 +103,9 @@ where
         };
         let status = error.status();
         if status.is_server_error() {
-            tracing::warn!(kind = error.kind(), status = status.as_u16(), error = %Chain(&error), "request failed");
+            tracing::warn!(kind = error.kind(), status = status.as_u16(), error = %ErrorChain(&error), "request failed");
         } else {
-            tracing::debug!(kind = error.kind(), status = status.as_u16(), error = %Chain(&error), "request refused");
+            tracing::debug!(kind = error.kind(), status = status.as_u16(), error = %ErrorChain(&error), "request refused");
         }
         Poll::Ready(Ok(error.into_response()))
     }

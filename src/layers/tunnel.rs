@@ -132,7 +132,7 @@ async fn open<B>(
     )
     .await
     .map_err(|error| {
-        tracing::warn!(target = %target, error = %crate::error::Chain(&error), "tunnel refused");
+        tracing::warn!(target = %target, error = %crate::ErrorChain(&error), "tunnel refused");
         match error {
             GuardError::Denied { reason, .. } => ProxyError::TunnelDenied(reason),
             GuardError::Resolve { source, .. } => ProxyError::TunnelUnreachable(source),

@@ -1,5 +1,9 @@
 //! The gateway: what a config builds (token sources, routes, access policy), held as one
-//! [`Live`] snapshot that a reload replaces in a single atomic store.
+//! [`Live`] snapshot that a reload replaces in a single atomic store: the route table in
+//! [`routes`], the access policy in [`access`].
+
+pub mod access;
+pub mod routes;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -9,11 +13,11 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
+use self::access::AccessPolicy;
+use self::routes::{Route, RouteSpec, Routes};
 use crate::auth::cache::TokenSource;
 use crate::auth::exchange::{ExchangeParams, Exchanger};
 use crate::config::{Config, ConfigError, CredentialSecrets, SecretEnv, ServerConfig};
-use crate::layers::access::AccessPolicy;
-use crate::layers::route::{Route, RouteSpec, Routes};
 use crate::metrics::Metrics;
 use crate::upstream::UpstreamClient;
 use crate::upstream::pool::Pool;
@@ -233,8 +237,9 @@ fn build(
         let secrets = config.resolve_secrets(name, env, file)?;
         let unchanged = previous.and_then(|p| {
             let source = p.credentials.get(name)?;
-            (p.config.credentials.get(name) == Some(c) && source.has_secrets(&secrets))
-                .then(|| source.clone())
+            (p.config.credentials.get(name) == Some(c)
+                && source.has_secrets(&secrets.secret, &secrets.key))
+            .then(|| source.clone())
         });
         if let Some(source) = unchanged {
             credentials.insert(name.clone(), source);
