@@ -114,8 +114,9 @@ pub enum ProxyBody {
     /// Held whole (possibly empty): a buffered request body, or a response the proxy wrote.
     /// It can be replayed.
     Full(Option<Bytes>),
-    /// Streaming from the client or the upstream; it cannot be replayed.
-    Streaming(Guarded),
+    /// Streaming from the client or the upstream; it cannot be replayed. Boxed, so that the
+    /// requests and responses moved through every layer stay small.
+    Streaming(Box<Guarded>),
 }
 
 impl ProxyBody {
@@ -143,7 +144,7 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             Self::Full(bytes) => Poll::Ready(whole_frame(bytes)),
-            Self::Streaming(body) => Pin::new(body).poll_frame(cx),
+            Self::Streaming(body) => Pin::new(&mut **body).poll_frame(cx),
         }
     }
 
@@ -165,10 +166,10 @@ impl Body for ProxyBody {
 impl CarriesHead for ProxyBody {
     fn take_wire_head(&mut self) -> Option<WireHead> {
         match self {
-            Self::Streaming(Guarded {
-                inner: PeerBody::H1(body),
-                ..
-            }) => body.take_wire_head(),
+            Self::Streaming(guarded) => match &mut guarded.inner {
+                PeerBody::H1(body) => body.take_wire_head(),
+                _ => None,
+            },
             _ => None,
         }
     }

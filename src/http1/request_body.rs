@@ -34,8 +34,8 @@ pub enum BodyReadError {
 pub enum RequestBody {
     /// Read whole with the head (`None`: no body).
     Whole(Option<Bytes>),
-    /// Still arriving.
-    Streaming(Streaming),
+    /// Still arriving. Boxed, so that a request moved through every layer stays small.
+    Streaming(Box<Streaming>),
 }
 
 impl http_body::Body for RequestBody {
@@ -48,7 +48,7 @@ impl http_body::Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyReadError>>> {
         match self.get_mut() {
             Self::Whole(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Self::Streaming(body) => Pin::new(body).poll_frame(cx),
+            Self::Streaming(body) => Pin::new(&mut **body).poll_frame(cx),
         }
     }
 

@@ -180,7 +180,7 @@ where
                 _ => None,
             };
             let body = Streaming::new(source, length, back, wanted);
-            let request = request.map(|()| RequestBody::Streaming(body));
+            let request = request.map(|()| RequestBody::Streaming(Box::new(body)));
             let answer = call_mut(&mut service, request);
             let Ok(response) = match continue_wanted {
                 None => answer.await,

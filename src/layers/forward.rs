@@ -160,7 +160,7 @@ impl Service<Request<ProxyBody>> for Forward {
 fn guarded(response: http::Response<PeerBody>, body_idle: Duration) -> ProxyResponse {
     let (parts, body) = response.into_parts();
     let body = Guarded::new(body, Side::Upstream, u64::MAX, body_idle);
-    ProxyResponse::from_parts(parts, ProxyBody::Streaming(body))
+    ProxyResponse::from_parts(parts, ProxyBody::Streaming(Box::new(body)))
 }
 
 /// The longest wait [`within`] sets a deadline for; a longer `request_timeout` waits this long

@@ -100,7 +100,7 @@ where
                     limits.max_request_body,
                     limits.idle_timeout,
                 );
-                let request = Request::from_parts(parts, ProxyBody::Streaming(body));
+                let request = Request::from_parts(parts, ProxyBody::Streaming(Box::new(body)));
                 return Either::Left(self.inner.call(request));
             }
             body if body.is_end_stream() => {
@@ -120,7 +120,7 @@ where
             limits.idle_timeout,
         );
         if !replayable {
-            let request = Request::from_parts(parts, ProxyBody::Streaming(body));
+            let request = Request::from_parts(parts, ProxyBody::Streaming(Box::new(body)));
             return Either::Left(self.inner.call(request));
         }
         // The inner service was made ready by poll_ready; the clone takes its place.
