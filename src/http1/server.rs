@@ -53,6 +53,8 @@ pub const MAX_GATHERED: usize = 256 * 1024;
 pub const LINGER_TIME: Duration = Duration::from_secs(2);
 /// The most bytes read and dropped that way.
 pub const LINGER_BYTES: usize = 256 * 1024;
+/// The most bytes one read takes while lingering.
+const LINGER_READ: usize = 4096;
 
 /// The interim answer to a client that waits before it sends its body.
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
@@ -532,7 +534,8 @@ impl Writer {
 async fn linger<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO) -> io::Result<()> {
     io.shutdown().await?;
     let drain = async {
-        let mut sink = [0u8; 4096];
+        // On the heap: an array here would sit in every connection's future, idle or not.
+        let mut sink = vec![0u8; LINGER_READ];
         let mut drained = 0;
         while drained < LINGER_BYTES {
             match io.read(&mut sink).await {

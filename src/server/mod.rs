@@ -302,11 +302,15 @@ pub async fn serve<S, B, R>(
             stop.clone(),
             limits.tls.clone(),
         );
-        tokio::spawn(async move {
-            let Some(tls) = tls else {
+        // One task type per transport, so a plain connection's task is not sized for TLS.
+        let Some(tls) = tls else {
+            tokio::spawn(async move {
                 let serving = serve_connection(http, stream, false, peer, service, refuse, stop);
-                return served(peer, permit, serving).await;
-            };
+                served(peer, permit, serving).await;
+            });
+            continue;
+        };
+        tokio::spawn(async move {
             let handshake = tls.acceptor.accept(stream);
             match tokio::time::timeout(tls.handshake_timeout, Box::pin(handshake)).await {
                 Ok(Ok(stream)) => {
