@@ -13,7 +13,8 @@
 //! - [`stack`]: the request path, assembled in one place from the middleware in [`layers`],
 //!   one per file, around the service that forwards to the upstream.
 //! - [`upstream`]: the pooled clients toward upstreams, and the SSRF guard for tunnels.
-//! - [`auth`]: the token exchange, its crypto, tokens and the token cache with its keepers.
+//! - [`auth`]: the token exchange, its crypto, tokens and the token cache with its keepers;
+//!   [`fleet`]: the cache the replicas of a fleet share through Redis.
 //! - [`config`]: `proxy.toml`, its defaults and validation; [`gateway`]: what a config builds
 //!   (token sources, the route table, the access policy), as one snapshot that reloads swap.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` and the credentials API; [`metrics`]: the
@@ -24,7 +25,7 @@
 //! - [`sandbox`]: a real auth server and upstream for the demo and the tests; [`demo`].
 //!
 //! Folders depend downwards only, in this order: `http1`, `tls`, `metrics` at the bottom;
-//! `body`, `auth`, `upstream`; `config`; `error`, `gateway`; `ctx`; `layers`, `admin`;
+//! `fleet`; `body`, `auth`, `upstream`; `config`; `error`, `gateway`; `ctx`; `layers`, `admin`;
 //! `stack`; `server`; `sandbox`, `demo` (`tests/layout.rs` fails on a cycle).
 
 #![forbid(unsafe_code)]
@@ -36,6 +37,7 @@ pub mod config;
 pub mod ctx;
 pub mod demo;
 pub mod error;
+pub mod fleet;
 pub mod gateway;
 pub mod http1;
 pub mod layers;

@@ -137,7 +137,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run { config } => run(&config).await,
-            Command::Check { config } => check(&config),
+            Command::Check { config } => check(&config).await,
             Command::Token { config, name, show } => token(&config, &name, show).await,
             Command::Demo { listen } => demo::run(listen)
                 .await
@@ -256,7 +256,7 @@ async fn run(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn check(path: &Path) -> Result<(), String> {
+async fn check(path: &Path) -> Result<(), String> {
     let gateway = load(path).map_err(|e| e.to_string())?;
     let snapshot = gateway.snapshot();
     let c = &snapshot.config;
@@ -278,7 +278,7 @@ fn check(path: &Path) -> Result<(), String> {
     println!("admin   listen {}", c.admin.listen);
     for (name, cred) in &c.credentials {
         println!(
-            "credential {name}  {}  agent {}  secret from {}  key {}  signature {}  layout {}  refresh_before {}  timeout {}",
+            "credential {name}  {}  agent {}  secret from {}  key {}  signature {}  layout {}  refresh_before {}  timeout {}  shared {}",
             cred.auth_url.0,
             cred.agent_id,
             source(&cred.secret),
@@ -289,6 +289,26 @@ fn check(path: &Path) -> Result<(), String> {
             cred.cipher_text_layout,
             humantime::format_duration(cred.refresh_before),
             humantime::format_duration(cred.timeout),
+            c.shared_cache.is_some() && cred.shared,
+        );
+    }
+    if let (Some(shared), Some(fleet)) = (&c.shared_cache, &snapshot.fleet) {
+        // Said, not refused: a replica with Redis down still serves, alone.
+        let answers = match fleet.ping().await {
+            Ok(()) => "answers",
+            Err(_) => "does NOT answer (replicas would act alone)",
+        };
+        println!(
+            "shared_cache  {}  user {}  password {}  key from {}  prefix {}  timeout {}  redis {answers}",
+            shared.url,
+            shared.username.as_deref().unwrap_or("-"),
+            shared
+                .password
+                .as_ref()
+                .map_or("-".into(), |p| format!("from {}", source(p))),
+            source(&shared.encryption_key),
+            shared.key_prefix,
+            humantime::format_duration(shared.timeout),
         );
     }
     for (i, r) in c.routes.iter().enumerate() {

@@ -43,6 +43,12 @@ struct ExchangeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SharedCacheLabels {
+    op: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CredentialLabels {
     credential: String,
 }
@@ -65,6 +71,8 @@ pub struct Metrics {
     token_expiry: Family<CredentialLabels, Gauge<f64, AtomicU64>>,
     backoff_active: Family<CredentialLabels, Gauge>,
     hibernating: Gauge,
+    shared_cache_operations: Family<SharedCacheLabels, Counter>,
+    shared_cache_up: Gauge,
     /// The route label of requests no route matched.
     no_route: Label,
 }
@@ -81,6 +89,8 @@ impl Metrics {
         let token_expiry = Family::default();
         let backoff_active = Family::default();
         let hibernating = Gauge::default();
+        let shared_cache_operations = Family::default();
+        let shared_cache_up = Gauge::default();
         registry.register(
             "requests",
             "Requests answered, by route and status",
@@ -121,6 +131,16 @@ impl Metrics {
             "Idle HTTP/1 keep-alive client connections holding no buffers",
             hibernating.clone(),
         );
+        registry.register(
+            "shared_cache_operations",
+            "Operations on the fleet's shared cache, by op and outcome (ok, error, timeout)",
+            shared_cache_operations.clone(),
+        );
+        registry.register(
+            "shared_cache_up",
+            "1 while the fleet's shared cache answers (0 without one configured)",
+            shared_cache_up.clone(),
+        );
         Arc::new(Self {
             registry,
             requests,
@@ -131,6 +151,8 @@ impl Metrics {
             token_expiry,
             backoff_active,
             hibernating,
+            shared_cache_operations,
+            shared_cache_up,
             no_route: Label(NO_ROUTE.into()),
         })
     }
@@ -139,6 +161,18 @@ impl Metrics {
     /// ([`crate::http1::server`]).
     pub fn hibernating(&self) -> Gauge {
         self.hibernating.clone()
+    }
+
+    /// Counts one operation on the fleet's shared cache.
+    pub fn shared_cache_operation(&self, op: &'static str, outcome: &'static str) {
+        self.shared_cache_operations
+            .get_or_create(&SharedCacheLabels { op, outcome })
+            .inc();
+    }
+
+    /// Sets whether the fleet's shared cache answers.
+    pub fn shared_cache_up(&self, up: bool) {
+        self.shared_cache_up.set(i64::from(up));
     }
 
     /// Records one exchange of `credential`.

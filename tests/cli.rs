@@ -124,6 +124,55 @@ async fn check_prints_a_summary_without_secrets() {
     );
 }
 
+#[tokio::test]
+async fn check_validates_the_shared_cache_and_says_whether_redis_answers() {
+    let with = |section: &str| {
+        format!(
+            "{}\n[shared_cache]\n{section}\n",
+            config("https://auth.example.com/v2/auth", "partner")
+        )
+    };
+    let key = "encryption_key = { env = \"PARTNER_SECRET\" }";
+    // A password in the URL, a key that is not 32 bytes: refused, by key, without echoing them.
+    let (code, _, stderr) = tokengate(
+        &["check"],
+        &with(&format!("url = \"redis://u:pw0rd@h:6379\"\n{key}")),
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("shared_cache.url"), "{stderr}");
+    assert!(!stderr.contains("pw0rd"), "{stderr}");
+    let (code, _, stderr) = tokengate(
+        &["check"],
+        &with(&format!("url = \"redis://127.0.0.1:1/0\"\n{key}")),
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("shared_cache.encryption_key: must be base64 of exactly 32 bytes"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(SECRET));
+
+    // A valid section with nothing listening: accepted, and said.
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("cache.key");
+    std::fs::write(&key_file, "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\n").unwrap();
+    let section = format!(
+        "url = \"redis://127.0.0.1:1/0\"\nencryption_key = {{ file = \"{}\" }}",
+        key_file.display()
+    );
+    let (code, stdout, stderr) = tokengate(&["check"], &with(&section)).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("shared_cache  redis://127.0.0.1:1/0"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("redis does NOT answer"), "{stdout}");
+    assert!(stdout.contains("shared true"), "{stdout}");
+    assert!(!stdout.contains("BwcHBw"), "{stdout}");
+}
+
 /// No cause is said twice in a row in an error chain (`a: b: b: c`).
 fn assert_no_repeated_cause(line: &str) {
     let causes: Vec<&str> = line.split(": ").collect();

@@ -72,6 +72,19 @@ impl Backoff {
         delay
     }
 
+    /// Takes the fleet's step: the next failure waits as the `failures`-th in a row would.
+    pub fn continue_from(&self, failures: u32) {
+        self.state().failures = failures;
+    }
+
+    /// Holds exchanges back for `retry_after` after `error`, which another replica's exchange
+    /// met (the fleet's shared backoff), without taking a step of this replica's own.
+    pub fn adopt(&self, error: Arc<AuthError>, retry_after: Duration, now: Instant) {
+        let mut state = self.state();
+        state.until = Some(now + retry_after);
+        state.last = Some(error);
+    }
+
     /// Records a successful exchange: the next failure starts from [`BACKOFF_START`] again.
     pub fn succeeded(&self) {
         *self.state() = State::default();

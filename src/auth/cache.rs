@@ -28,7 +28,9 @@ use tokio::task::AbortHandle;
 use super::backoff::{Backoff, NoToken};
 use super::crypto::EncryptionKey;
 use super::exchange::{AuthError, Exchanger};
+use super::shared::Want;
 use super::token::Token;
+use crate::fleet::Slot;
 use crate::metrics::Metrics;
 
 /// The largest share of the renewal lead added as random jitter, so fleets do not renew in step.
@@ -54,13 +56,13 @@ pub struct TokenSource {
     inner: Arc<Inner>,
 }
 
-struct Inner {
-    name: Arc<str>,
-    exchanger: Exchanger,
+pub(super) struct Inner {
+    pub(super) name: Arc<str>,
+    pub(super) exchanger: Exchanger,
     refresh_before: Duration,
     cache: Cache<(), Arc<Token>>,
     /// The token moka holds, for reading without moka.
-    current: ArcSwapOption<Token>,
+    pub(super) current: ArcSwapOption<Token>,
     /// The keeper task, if one was started.
     keeper: Mutex<Option<AbortHandle>>,
     /// Tells the keeper the token was replaced or dropped, so it plans again.
@@ -68,11 +70,15 @@ struct Inner {
     /// A route uses this credential: its keeper fetches without traffic and never gives up.
     kept_warm: AtomicBool,
     /// An exchange has answered (either way) since the keeper started or the last invalidation.
-    settled: AtomicBool,
-    backoff: Backoff,
+    pub(super) settled: AtomicBool,
+    pub(super) backoff: Backoff,
     exchanges: AtomicU64,
     last_log_uuid: Mutex<Option<String>>,
     metrics: Arc<Metrics>,
+    /// The credential's place in the fleet's shared cache, if it shares its token.
+    pub(super) fleet: Option<Slot>,
+    /// The newest fleet generation dropped here ([`super::shared`]).
+    pub(super) refused: AtomicU64,
 }
 
 /// Entries live until the token stops being usable.
@@ -97,14 +103,20 @@ impl Expiry<(), Arc<Token>> for UntilUnusable {
 
 impl TokenSource {
     /// A source for credential `name`, renewing `refresh_before` ahead of expiry (plus jitter),
-    /// backing off at most `max_backoff` between failed exchanges, recording into `metrics`.
+    /// backing off at most `max_backoff` between failed exchanges, recording into `metrics`;
+    /// sharing its token through `fleet`, if given ([`super::shared`]).
     pub fn new(
         name: &str,
         exchanger: Exchanger,
         refresh_before: Duration,
         max_backoff: Duration,
         metrics: Arc<Metrics>,
+        fleet: Option<Slot>,
     ) -> Self {
+        let wake = Arc::new(Notify::new());
+        if let Some(slot) = &fleet {
+            slot.wake_on_news(wake.clone());
+        }
         Self {
             inner: Arc::new(Inner {
                 name: name.into(),
@@ -116,13 +128,15 @@ impl TokenSource {
                     .build(),
                 current: ArcSwapOption::empty(),
                 keeper: Mutex::new(None),
-                wake: Arc::new(Notify::new()),
+                wake,
                 kept_warm: AtomicBool::new(false),
                 settled: AtomicBool::new(false),
                 backoff: Backoff::new(max_backoff),
                 exchanges: AtomicU64::new(0),
                 last_log_uuid: Mutex::new(None),
                 metrics,
+                fleet,
+                refused: AtomicU64::new(0),
             }),
         }
     }
@@ -149,7 +163,7 @@ impl TokenSource {
         inner
             .cache
             .try_get_with((), async {
-                let token = Arc::new(inner.exchange().await?);
+                let token = Arc::new(inner.obtain(Want::usable()).await?);
                 inner.current.store(Some(token.clone()));
                 Ok::<_, Arc<AuthError>>(token)
             })
@@ -188,26 +202,18 @@ impl TokenSource {
     }
 
     /// Drops the cached token if it is still generation `generation`: a later token, obtained
-    /// meanwhile by a concurrent 401 or a renewal, is kept.
+    /// meanwhile by a concurrent 401 or a renewal, is kept. In a fleet, the fleet's copy goes
+    /// too, if it is still that token.
     pub async fn invalidate_if_current(&self, generation: u64) {
-        let result = self
-            .inner
-            .cache
-            .entry(())
-            .and_compute_with(|entry| {
-                let op = match entry {
-                    Some(e) if e.value().generation() == generation => Op::Remove,
-                    _ => Op::Nop,
-                };
-                std::future::ready(op)
-            })
-            .await;
-        self.inner.current.rcu(|current| match current {
-            Some(t) if t.generation() == generation => None,
-            other => other.clone(),
-        });
-        self.inner.wake.notify_one();
-        tracing::debug!(credential = %self.inner.name, generation, ?result, "invalidate if current");
+        let current = self.inner.current.load_full();
+        let refused = current.filter(|t| t.generation() == generation);
+        if let Some(token) = &refused {
+            self.inner.refuse(token);
+        }
+        self.inner.drop_if_current(generation).await;
+        if let Some(token) = refused {
+            self.inner.invalidate_in_fleet(&token).await;
+        }
     }
 
     /// Whether `other` is this very source (shares its cache).
@@ -218,6 +224,11 @@ impl TokenSource {
     /// Whether this source exchanges with exactly these secrets (compared in constant time).
     pub fn has_secrets(&self, secret: &SecretString, key: &EncryptionKey) -> bool {
         self.inner.exchanger.has_secrets(secret, key)
+    }
+
+    /// Whether this source shares its token with a fleet (`[shared_cache]`).
+    pub fn shared(&self) -> bool {
+        self.inner.fleet.is_some()
     }
 
     /// How many exchanges this source has started.
@@ -237,7 +248,12 @@ impl TokenSource {
     /// Runs an exchange now and makes its token current (admin `refresh`); the previous token
     /// is replaced at once.
     pub async fn refresh(&self) -> Result<Arc<Token>, Arc<AuthError>> {
-        let token = Arc::new(self.inner.exchange().await?);
+        let current = self.inner.current.load_full();
+        if let Some(token) = &current {
+            self.inner.invalidate_in_fleet(token).await;
+        }
+        let refused = current.and_then(|t| t.fleet_generation());
+        let token = Arc::new(self.inner.obtain(Want::above(refused)).await?);
         self.inner.install(token.clone()).await;
         self.ensure_keeper(Duration::ZERO);
         Ok(token)
@@ -246,6 +262,9 @@ impl TokenSource {
     /// Drops the current token, whatever its generation (admin `invalidate`). A credential a
     /// route uses fetches a new one at once; others wait for the next request.
     pub async fn invalidate(&self) {
+        if let Some(token) = self.inner.current.load_full() {
+            self.inner.invalidate_in_fleet(&token).await;
+        }
         self.inner.settled.store(false, Ordering::Relaxed);
         self.inner.cache.invalidate(&()).await;
         self.inner.current.store(None);
@@ -298,8 +317,29 @@ impl TokenSource {
 }
 
 impl Inner {
+    /// Drops the cached token if it is still generation `generation`, and tells the keeper.
+    pub(super) async fn drop_if_current(&self, generation: u64) {
+        let result = self
+            .cache
+            .entry(())
+            .and_compute_with(|entry| {
+                let op = match entry {
+                    Some(e) if e.value().generation() == generation => Op::Remove,
+                    _ => Op::Nop,
+                };
+                std::future::ready(op)
+            })
+            .await;
+        self.current.rcu(|current| match current {
+            Some(t) if t.generation() == generation => None,
+            other => other.clone(),
+        });
+        self.wake.notify_one();
+        tracing::debug!(credential = %self.name, generation, ?result, "invalidate if current");
+    }
+
     /// Runs one exchange and records its outcome in the backoff.
-    async fn exchange(&self) -> Result<Token, Arc<AuthError>> {
+    pub(super) async fn exchange(&self) -> Result<Token, Arc<AuthError>> {
         self.exchanges.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let result = self.exchanger.exchange().await.map_err(Arc::new);
@@ -353,7 +393,7 @@ impl Inner {
     }
 
     /// Makes `token` the current one, in moka and in the snapshot, and tells the keeper.
-    async fn install(&self, token: Arc<Token>) {
+    pub(super) async fn install(&self, token: Arc<Token>) {
         self.cache.insert((), token.clone()).await;
         self.current.store(Some(token));
         self.wake.notify_one();
@@ -365,7 +405,7 @@ impl Inner {
         if let Err(wait) = self.backoff.check(now) {
             return Some(wait.retry_after);
         }
-        match self.exchange().await {
+        match self.obtain(Want::newer_than(token)).await {
             Ok(fresh) => {
                 let fresh = Arc::new(fresh);
                 self.cache.insert((), fresh.clone()).await;
@@ -414,6 +454,7 @@ async fn keep(source: Weak<Inner>, wake: Arc<Notify>, delay: Duration) {
         let Some(inner) = source.upgrade() else {
             return;
         };
+        inner.follow_fleet().await;
         let now = Instant::now();
         let pause = match inner.usable(now) {
             Some(token) => {

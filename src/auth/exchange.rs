@@ -81,6 +81,9 @@ pub enum AuthError {
     /// The exchange did not finish within the credential's `timeout`.
     #[error("auth exchange timed out after {0:?}")]
     Timeout(Duration),
+    /// Another replica's exchange failed this way, and the fleet backs off (the shared cache).
+    #[error("another replica's exchange failed: {0}")]
+    Elsewhere(String),
     /// The auth server answered something that is not the documented JSON.
     #[error("auth server answered HTTP {status} with a malformed response: {reason}")]
     Malformed {
@@ -266,8 +269,17 @@ impl Exchanger {
                 reason: Malformed::Body,
             })?
             .to_bytes();
-        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        parse_reply(status, &body, generation, Instant::now())
+        parse_reply(status, &body, self.next_generation(), Instant::now())
+    }
+
+    /// The deadline of one exchange (the credential's `timeout`).
+    pub fn timeout(&self) -> Duration {
+        self.params.timeout
+    }
+
+    /// A generation no token of this credential has had yet.
+    pub fn next_generation(&self) -> u64 {
+        self.generation.fetch_add(1, Ordering::Relaxed) + 1
     }
 }
 

@@ -7,6 +7,9 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
+use zeroize::Zeroizing;
+
+use crate::fleet::unix_ms;
 
 /// The largest safety margin kept between a token's real expiry and the moment it stops being
 /// handed out, so a request in flight never carries an expired token.
@@ -34,6 +37,39 @@ pub struct Token {
     obtained_at: Instant,
     expires_at: Instant,
     usable_until: Instant,
+    log_uuid: Option<String>,
+    /// Its generation in the fleet's shared cache, once it is there.
+    fleet_generation: Option<u64>,
+    /// Whether this replica exchanged it or read it from the fleet.
+    origin: Origin,
+}
+
+/// Where a token came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// This replica ran the exchange.
+    Exchanged,
+    /// Another replica ran it; this one read it from the fleet's shared cache.
+    Fleet,
+}
+
+impl Origin {
+    /// As the admin API names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Exchanged => "exchanged",
+            Self::Fleet => "fleet",
+        }
+    }
+}
+
+/// A token as the fleet's shared cache holds it (sealed): the token and its times in Unix ms,
+/// so any replica can rebuild it on its own clock.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Record {
+    token: String,
+    obtained_ms: u64,
+    expires_ms: u64,
     log_uuid: Option<String>,
 }
 
@@ -77,15 +113,96 @@ impl Token {
         if lifetime.is_zero() {
             return Err(TokenError::Expired);
         }
-        let margin = MAX_EXPIRY_MARGIN.min(lifetime / 10);
-        Ok(Self {
+        Ok(Self::timed(
             header,
             generation,
-            obtained_at: arrived,
-            expires_at: arrived + lifetime,
-            usable_until: arrived + lifetime - margin,
+            arrived,
+            arrived + lifetime,
             log_uuid,
-        })
+        ))
+    }
+
+    /// A token valid from `obtained_at` to `expires_at`, handed out until a small margin before.
+    fn timed(
+        header: HeaderValue,
+        generation: u64,
+        obtained_at: Instant,
+        expires_at: Instant,
+        log_uuid: Option<String>,
+    ) -> Self {
+        let margin = MAX_EXPIRY_MARGIN.min((expires_at - obtained_at) / 10);
+        Self {
+            header,
+            generation,
+            obtained_at,
+            expires_at,
+            usable_until: expires_at - margin,
+            log_uuid,
+            fleet_generation: None,
+            origin: Origin::Exchanged,
+        }
+    }
+
+    /// The sealed form's content for the fleet's shared cache, and the expiry in Unix ms.
+    pub fn to_record(&self) -> (Zeroizing<Vec<u8>>, u64) {
+        let (now, unix_now) = (Instant::now(), unix_ms());
+        let at = |instant: Instant| {
+            if instant >= now {
+                unix_now + (instant - now).as_millis() as u64
+            } else {
+                unix_now.saturating_sub((now - instant).as_millis() as u64)
+            }
+        };
+        let record = Record {
+            token: self.expose().to_owned(),
+            obtained_ms: at(self.obtained_at),
+            expires_ms: at(self.expires_at),
+            log_uuid: self.log_uuid.clone(),
+        };
+        let bytes = Zeroizing::new(serde_json::to_vec(&record).unwrap_or_default());
+        let Record { token, .. } = record;
+        drop(Zeroizing::new(token));
+        (bytes, at(self.expires_at))
+    }
+
+    /// The token another replica published as fleet generation `fleet_generation`, from its
+    /// record, as local generation `generation`; `None` if the record is not one or the token
+    /// is already past use.
+    pub fn from_record(record: &[u8], generation: u64, fleet_generation: u64) -> Option<Self> {
+        let Record {
+            token,
+            obtained_ms,
+            expires_ms,
+            log_uuid,
+        } = serde_json::from_slice(record).ok()?;
+        let token = Zeroizing::new(token);
+        let mut header = HeaderValue::try_from(format!("Bearer {}", token.as_str())).ok()?;
+        header.set_sensitive(true);
+        let (now, unix_now) = (Instant::now(), unix_ms());
+        let expires_at =
+            now.checked_add(Duration::from_millis(expires_ms.checked_sub(unix_now)?))?;
+        let age = Duration::from_millis(unix_now.saturating_sub(obtained_ms));
+        let obtained_at = now.checked_sub(age).unwrap_or(now);
+        let mut shared = Self::timed(header, generation, obtained_at, expires_at, log_uuid);
+        shared.fleet_generation = Some(fleet_generation);
+        shared.origin = Origin::Fleet;
+        (now < shared.usable_until).then_some(shared)
+    }
+
+    /// This token, published to the fleet as `fleet_generation`.
+    pub fn published_as(mut self, fleet_generation: u64) -> Self {
+        self.fleet_generation = Some(fleet_generation);
+        self
+    }
+
+    /// Its generation in the fleet's shared cache, if it is there.
+    pub fn fleet_generation(&self) -> Option<u64> {
+        self.fleet_generation
+    }
+
+    /// Whether this replica exchanged it or read it from the fleet.
+    pub fn origin(&self) -> Origin {
+        self.origin
     }
 
     /// The ready-made `Authorization` value (`Bearer …`), marked sensitive.
@@ -137,6 +254,8 @@ impl std::fmt::Debug for Token {
         f.debug_struct("Token")
             .field("token", &"[REDACTED]")
             .field("generation", &self.generation)
+            .field("fleet_generation", &self.fleet_generation)
+            .field("origin", &self.origin)
             .field("lifetime", &self.lifetime())
             .field("log_uuid", &self.log_uuid)
             .finish()

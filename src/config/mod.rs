@@ -74,6 +74,81 @@ pub struct Config {
     /// Routes, first match wins.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// Tokens shared with the other replicas of a fleet through Redis; absent, each replica
+    /// keeps its own.
+    #[serde(default)]
+    pub shared_cache: Option<SharedCacheConfig>,
+}
+
+/// `[shared_cache]`: the replicas of a fleet share each credential's token through Redis, so
+/// the fleet makes one exchange where each replica would make its own.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedCacheConfig {
+    /// `redis://host:port/db`, or `rediss://…` for TLS. No user or password in it: those go in
+    /// `username` and `password`.
+    pub url: String,
+    /// The Redis ACL user, if any.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// The Redis password: `{ env = "VAR" }` or `{ file = "/path" }`.
+    #[serde(default)]
+    pub password: Option<SecretSource>,
+    /// Base64 of 32 bytes: every value kept in Redis is sealed with it (AES-256-GCM), so a
+    /// dump of Redis holds no token. The same on every replica.
+    pub encryption_key: SecretSource,
+    /// Prepended to every key and channel tokengate uses. Default `tokengate:`.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    /// The deadline of one Redis operation; past it this replica acts alone. Default 200 ms.
+    #[serde(
+        default = "default_shared_cache_timeout",
+        deserialize_with = "duration"
+    )]
+    pub timeout: Duration,
+}
+
+fn default_key_prefix() -> String {
+    "tokengate:".into()
+}
+
+fn default_shared_cache_timeout() -> Duration {
+    Duration::from_millis(200)
+}
+
+/// The longest `shared_cache.timeout` accepted: past it, Redis would hold up cold requests
+/// longer than an exchange would.
+pub const MAX_SHARED_CACHE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What is wrong with `url` as the shared cache's Redis URL, if anything: a `redis://` or
+/// `rediss://` URL with a host, and no user or password in it.
+fn redis_url_problem(url: &str) -> Option<String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Some("not a URL; write it like redis://127.0.0.1:6379/0".into());
+    };
+    if scheme != "redis" && scheme != "rediss" {
+        return Some(format!("scheme `{scheme}` is not redis or rediss"));
+    }
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return Some(
+            "carries a user or password; put them in shared_cache.username and \
+             shared_cache.password (a secret reference) instead"
+                .into(),
+        );
+    }
+    if authority.is_empty() {
+        return Some("has no host".into());
+    }
+    None
+}
+
+/// The secrets of `[shared_cache]`, resolved.
+pub struct SharedCacheSecrets {
+    /// The Redis password, if any.
+    pub password: Option<SecretString>,
+    /// The sealing key.
+    pub key: crate::fleet::seal::SealingKey,
 }
 
 /// `[server]`: the proxy listener.
@@ -258,6 +333,14 @@ pub struct CredentialConfig {
     /// Extra PEM roots trusted for this auth server.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Whether this credential's token is shared with the fleet when `[shared_cache]` is
+    /// present. Default true; false keeps it to this replica.
+    #[serde(default = "default_shared")]
+    pub shared: bool,
+}
+
+fn default_shared() -> bool {
+    true
 }
 
 /// Reads a duration written as humantime reads it (`"5s"`, `"250ms"`, `"1m 30s"`), with an
@@ -699,7 +782,58 @@ impl Config {
                 ));
             }
         }
+        if let Some(shared) = &self.shared_cache {
+            if let Some(problem) = redis_url_problem(&shared.url) {
+                return Err(err("shared_cache.url".into(), problem));
+            }
+            if shared.timeout.is_zero() || shared.timeout > MAX_SHARED_CACHE_TIMEOUT {
+                return Err(err(
+                    "shared_cache.timeout".into(),
+                    format!("must be above 0 and at most {MAX_SHARED_CACHE_TIMEOUT:?}"),
+                ));
+            }
+            if shared.key_prefix.contains(['{', '}']) {
+                return Err(err(
+                    "shared_cache.key_prefix".into(),
+                    "must not contain `{` or `}` (tokengate sets the hash tags itself)".into(),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Resolves the secrets of `[shared_cache]`, if there is one.
+    pub fn resolve_shared_cache(
+        &self,
+        env: &dyn SecretEnv,
+        file: &str,
+    ) -> Result<Option<SharedCacheSecrets>, ConfigError> {
+        let Some(shared) = &self.shared_cache else {
+            return Ok(None);
+        };
+        let err = |key: &str, problem: String| ConfigError {
+            file: file.to_owned(),
+            key: format!("shared_cache.{key}"),
+            problem,
+        };
+        let password = match &shared.password {
+            Some(source) => Some(source.resolve(env).map_err(|p| err("password", p))?),
+            None => None,
+        };
+        let encoded = shared
+            .encryption_key
+            .resolve(env)
+            .map_err(|p| err("encryption_key", p))?;
+        let key = crate::fleet::seal::SealingKey::from_base64(
+            secrecy::ExposeSecret::expose_secret(&encoded),
+        )
+        .ok_or_else(|| {
+            err(
+                "encryption_key",
+                "must be base64 of exactly 32 bytes".into(),
+            )
+        })?;
+        Ok(Some(SharedCacheSecrets { password, key }))
     }
 
     /// Resolves `server.require_header`'s value, if the key is set.
@@ -826,8 +960,18 @@ credential = "partner"
             .replace("# client_authorization", "client_authorization")
             .replace("# tunnel_allow", "tunnel_allow")
             .replace("# max_tunnels", "max_tunnels")
-            .replace("# tunnel_idle_timeout", "tunnel_idle_timeout");
+            .replace("# tunnel_idle_timeout", "tunnel_idle_timeout")
+            .replace("# shared", "shared")
+            .replace("# [shared_cache]", "[shared_cache]")
+            .replace("# url", "url")
+            .replace("# username", "username")
+            .replace("# password", "password")
+            .replace("# key_prefix", "key_prefix");
         let c = Config::parse(&uncommented, "proxy.toml").unwrap();
+        let shared = c.shared_cache.as_ref().expect("[shared_cache] documented");
+        assert_eq!(shared.key_prefix, default_key_prefix());
+        assert_eq!(shared.timeout, default_shared_cache_timeout());
+        assert!(c.credentials["partner"].shared);
         assert!(c.forward.allows_tunnel("GIT.example.com:443"));
         assert!(!c.forward.allows_tunnel("git.example.com:22"));
         assert_eq!(c.routes[0].host.as_deref(), Some("api.example.com"));

@@ -18,6 +18,7 @@ use self::routes::{Route, RouteSpec, Routes};
 use crate::auth::cache::TokenSource;
 use crate::auth::exchange::{ExchangeParams, Exchanger};
 use crate::config::{Config, ConfigError, CredentialSecrets, SecretEnv, ServerConfig};
+use crate::fleet::{Fleet, FleetSettings};
 use crate::metrics::Metrics;
 use crate::upstream::UpstreamClient;
 use crate::upstream::pool::Pool;
@@ -34,6 +35,8 @@ pub struct Live {
     pub credentials: BTreeMap<String, TokenSource>,
     /// The route table.
     pub routes: Routes,
+    /// The fleet's shared cache, if `[shared_cache]` is set.
+    pub fleet: Option<Fleet>,
 }
 
 /// The longest gap between the first exchanges of two credentials at start (or when a reload
@@ -218,6 +221,44 @@ fn restart_only_settings_differ(a: &Config, b: &Config) -> bool {
         || a.forward.max_tunnels != b.forward.max_tunnels
 }
 
+/// The fleet's shared cache `config` asks for: the one of `previous` if its section is
+/// unchanged, else a new connection.
+fn fleet(
+    config: &Config,
+    file: &str,
+    env: &dyn SecretEnv,
+    previous: Option<&Live>,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<Fleet>, ConfigError> {
+    let (Some(section), Some(secrets)) = (
+        &config.shared_cache,
+        config.resolve_shared_cache(env, file)?,
+    ) else {
+        return Ok(None);
+    };
+    if let Some(p) = previous
+        && p.config.shared_cache.as_ref() == Some(section)
+        && let Some(fleet) = &p.fleet
+    {
+        return Ok(Some(fleet.clone()));
+    }
+    let settings = FleetSettings {
+        url: section.url.clone(),
+        username: section.username.clone(),
+        password: secrets.password,
+        key: secrets.key,
+        key_prefix: section.key_prefix.clone(),
+        timeout: section.timeout,
+    };
+    Fleet::new(settings, metrics.clone())
+        .map(Some)
+        .map_err(|e| ConfigError {
+            file: file.to_owned(),
+            key: "shared_cache.url".into(),
+            problem: crate::ErrorChain(&e).to_string(),
+        })
+}
+
 /// Builds a snapshot from `config`, reusing the token sources of `previous` whose settings and
 /// secrets are unchanged.
 fn build(
@@ -232,12 +273,14 @@ fn build(
         key,
         problem,
     };
+    let fleet = fleet(&config, file, env, previous, metrics)?;
     let mut credentials = BTreeMap::new();
     for (name, c) in &config.credentials {
         let secrets = config.resolve_secrets(name, env, file)?;
         let unchanged = previous.and_then(|p| {
             let source = p.credentials.get(name)?;
             (p.config.credentials.get(name) == Some(c)
+                && p.config.shared_cache == config.shared_cache
                 && source.has_secrets(&secrets.secret, &secrets.key))
             .then(|| source.clone())
         });
@@ -260,6 +303,11 @@ fn build(
         };
         let exchanger = Exchanger::new(params, connector)
             .map_err(|e| err(format!("credentials.{name}.agent_id"), e.to_string()))?;
+        // The credential's identity in the fleet: the same agent at the same auth server.
+        let slot = fleet
+            .as_ref()
+            .filter(|_| c.shared)
+            .map(|f| f.slot(name, &format!("{}\n{}", c.auth_url.0, c.agent_id)));
         credentials.insert(
             name.clone(),
             TokenSource::new(
@@ -268,6 +316,7 @@ fn build(
                 c.refresh_before,
                 c.max_backoff,
                 metrics.clone(),
+                slot,
             ),
         );
     }
@@ -325,6 +374,7 @@ fn build(
         access,
         credentials,
         routes: Routes::new(routes),
+        fleet,
     })
 }
 

@@ -2,6 +2,7 @@
 //! `127.0.0.1:0`, plus a small HTTP client; [`raw`] writes and reads raw sockets.
 #![allow(dead_code)]
 
+pub mod fleet;
 pub mod raw;
 pub mod tls;
 
