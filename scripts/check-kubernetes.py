@@ -4,7 +4,8 @@
 kubernetes-validate checks the manifest against the Kubernetes schema; this checks what a schema
 cannot: the probes use the admin port and the endpoints tokengate serves, the pre-stop sleep is
 shorter than the grace period and leaves room for server.shutdown_grace, the NetworkPolicy lets
-the proxy port and the metrics scrape in, and the image is a name a cluster can pull.
+the proxy port and the metrics scrape in, every secret file the config names is mounted, and the
+image is a name a cluster can pull.
 
     python3 scripts/check-kubernetes.py [deploy/kubernetes/tokengate.yaml]
 """
@@ -61,6 +62,13 @@ def main():
             pre_stop + shutdown_grace <= grace,
             f"grace period {grace}s leaves no room for the pre-stop {pre_stop}s plus "
             f"server.shutdown_grace {shutdown_grace:g}s",
+        )
+
+    mounts = [m["mountPath"].rstrip("/") + "/" for m in container.get("volumeMounts", [])]
+    for secret_file in re.findall(r'file\s*=\s*"([^"]+)"', docs["ConfigMap"]["data"]["proxy.toml"]):
+        expect(
+            any(secret_file.startswith(m) for m in mounts),
+            f"{secret_file}, named in proxy.toml, is under no volume mount",
         )
 
     annotations = pod["metadata"].get("annotations", {})

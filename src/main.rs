@@ -53,6 +53,10 @@ enum SandboxServer {
         /// The HS256 key tokens are signed with, 64 hex characters (shared with the upstream).
         #[arg(long, env = "SANDBOX_JWT_KEY", hide_env_values = true)]
         jwt_key: String,
+        /// Keep one active token per agent, as many providers do: issuing a token revokes the
+        /// previous ones (the sandbox upstream refuses a token once it has seen a later one).
+        #[arg(long)]
+        single_active_token: bool,
     },
     /// The sandbox upstream: echoes requests carrying a valid sandbox token.
     Upstream {
@@ -187,12 +191,14 @@ async fn sandbox(server: SandboxServer) -> Result<(), String> {
             secret,
             expires_in,
             jwt_key,
+            single_active_token,
         } => {
             let state = auth::AuthState::new(
                 vec![auth::Agent::new(&agent, &secret)],
                 key(&jwt_key)?,
                 expires_in,
             );
+            state.set_single_active_token(single_active_token);
             state
                 .serve(bind(listen).await?)
                 .map_err(|e| e.to_string())?

@@ -530,6 +530,10 @@ async fn sandbox_subcommands_serve_a_gateway_as_in_docker_compose() {
             .env("SANDBOX_JWT_KEY", key)
             .env("SANDBOX_AGENT_SECRET", SECRET)
             .env("PARTNER_SECRET", SECRET)
+            .env(
+                "TOKENGATE_CACHE_KEY",
+                "c2FuZGJveC1jYWNoZS1rZXktbm90LWZvci1wcm9kISE=",
+            )
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -549,8 +553,10 @@ async fn sandbox_subcommands_serve_a_gateway_as_in_docker_compose() {
         "--listen".into(),
         upstream.to_string(),
     ]);
-    // The compose config, and the one for running without Docker, pointed at these ports.
+    // The compose config, and the one for running without Docker, pointed at these ports
+    // (compose's Redis at a port nothing listens on: the replica acts alone).
     let compose = include_str!("../deploy/compose/proxy.toml")
+        .replace("redis://redis:6379", "redis://127.0.0.1:1")
         .replace("0.0.0.0:9901", "127.0.0.1:0")
         .replace("http://auth:9000", &format!("http://{auth}"))
         .replace("http://upstream:9100", &format!("http://{upstream}"));

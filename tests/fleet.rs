@@ -155,6 +155,7 @@ async fn a_code_10_storm_over_three_replicas_makes_no_more_exchanges_than_one_re
     // One replica backing off 1 s, 2 s, … (each half to all of its step) makes at most 3
     // exchanges in 3 s: one at once, one after at least 0.5 s, one after at least 1 s more.
     let exchanges = fleet.exchanges();
+    eprintln!("code 10 storm: {answered} requests over 3 replicas, {exchanges} exchanges");
     assert!(answered > 100, "{answered}");
     assert!(
         exchanges <= 3,
@@ -210,4 +211,132 @@ async fn a_replica_with_another_key_treats_the_fleets_entries_as_absent() {
         2,
         "it could not open the fleet's token: it made its own"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_requests_send_no_redis_command() {
+    let redis = Redis::start().await;
+    let fleet = Fleet::start(2, &redis.url(), 3600).await;
+    all_ok(&fleet, 20).await;
+    all_hold_tokens(&fleet).await;
+    let before = redis.commands_served().await;
+    for _ in 0..100 {
+        all_ok(&fleet, 100).await;
+    }
+    let after = redis.commands_served().await;
+    assert!(before > 0, "the count sees tokengate's commands");
+    assert_eq!(after - before, 0, "10,000 warm requests, no Redis command");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_second_tokens_under_steady_load_renew_once_for_the_fleet() {
+    let redis = Redis::start().await;
+    let fleet = Fleet::start(3, &redis.url(), 3).await;
+    // The measure: one replica alone, with its own sandbox, under the same load meanwhile.
+    let mut alone = Fleet::start(0, "", 3).await;
+    alone.add_alone().await;
+    let started = tokio::time::Instant::now();
+    let mut requests = 0;
+    while started.elapsed() < Duration::from_secs(10) {
+        all_ok(&fleet, 30).await;
+        all_ok(&alone, 10).await;
+        requests += 30;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        fleet.sandbox.upstream.expired_seen(),
+        0,
+        "no expired token upstream"
+    );
+    let (fleet_exchanges, one_replica) = (fleet.exchanges(), alone.exchanges());
+    eprintln!(
+        "10 s of 3 s tokens: fleet of 3 {fleet_exchanges} exchanges, one replica {one_replica}"
+    );
+    assert!(requests > 1000, "{requests}");
+    assert!(one_replica >= 4, "the tokens were renewed: {one_replica}");
+    assert!(
+        fleet_exchanges <= one_replica + 1,
+        "the fleet made {fleet_exchanges} exchanges, one replica {one_replica}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_active_token_per_agent_the_fleet_fails_no_request() {
+    // Without a shared cache, each replica's token revokes the others'.
+    let mut alone = Fleet::start(0, "", 3600).await;
+    alone.sandbox.auth.set_single_active_token(true);
+    for _ in 0..3 {
+        alone.add_alone().await;
+    }
+    all_hold_tokens(&alone).await;
+    let _ = spread(&alone, 300).await;
+    assert!(
+        alone.sandbox.upstream.unauthorized() > 0 && alone.exchanges() > 3,
+        "replicas alone revoke each other: {} refused, {} exchanges",
+        alone.sandbox.upstream.unauthorized(),
+        alone.exchanges()
+    );
+
+    // With one: one token for 30 s of load, nothing refused.
+    let redis = Redis::start().await;
+    let mut fleet = Fleet::start(0, &redis.url(), 3600).await;
+    fleet.sandbox.auth.set_single_active_token(true);
+    for _ in 0..3 {
+        fleet.add(&redis.url(), "").await;
+    }
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        all_ok(&fleet, 60).await;
+    }
+    assert_eq!(fleet.sandbox.upstream.unauthorized(), 0);
+    assert_eq!(fleet.exchanges(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_holder_killed_mid_exchange_is_taken_over_and_every_request_answered() {
+    let redis = Redis::start().await;
+    let mut fleet = Fleet::start(0, &redis.url(), 3600).await;
+    fleet
+        .sandbox
+        .auth
+        .set_fault(Fault::Delay(Duration::from_secs(3)));
+    // The lease holder is a tokengate process, killed with SIGKILL while its exchange waits.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let shared = format!(
+        "[shared_cache]\nurl = \"{}\"\nencryption_key = {{ env = \"CACHE_KEY\" }}\n",
+        redis.url()
+    );
+    std::fs::write(&path, fleet.config_text(&shared, "")).unwrap();
+    let mut holder = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .env("PARTNER_SECRET", SECRET)
+        .env("CACHE_KEY", cache_key())
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !redis
+            .command(&["KEYS", "*:lease"])
+            .await
+            .unwrap()
+            .contains(":lease")
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the process takes the lease");
+    holder.start_kill().unwrap();
+    holder.wait().await.unwrap();
+    assert_eq!(fleet.exchanges(), 1, "its exchange reached the auth server");
+    fleet.sandbox.auth.set_fault(Fault::None);
+
+    // A replica that needs a token waits for the dead holder's lease to lapse, then exchanges.
+    fleet.add(&redis.url(), "").await;
+    all_ok(&fleet, 20).await;
+    assert_eq!(fleet.exchanges(), 2, "one exchange after the lease lapsed");
 }

@@ -25,8 +25,9 @@ use crate::fleet::{Acquired, Slot, unix_ms};
 /// around the exchange.
 pub const LEASE_MARGIN: Duration = Duration::from_secs(1);
 
-/// The least life a token read from the fleet must have left to be taken.
-const MIN_SHARED_LIFE: Duration = Duration::from_secs(2);
+/// The least life a token read from the fleet must have left to be taken (one due for
+/// renewal is still taken; its keeper renews it at once).
+const MIN_SHARED_LIFE: Duration = Duration::from_secs(1);
 
 /// What a source asks of the fleet.
 #[derive(Debug, Clone, Copy)]

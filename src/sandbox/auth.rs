@@ -74,6 +74,10 @@ pub struct AuthState {
     requests: AtomicU64,
     issued: AtomicU64,
     codes: Mutex<Vec<i64>>,
+    /// Keep one active token per agent: each token carries its issue number.
+    single_active: std::sync::atomic::AtomicBool,
+    /// The last issue number given.
+    issue_number: AtomicU64,
 }
 
 impl AuthState {
@@ -88,6 +92,8 @@ impl AuthState {
             requests: AtomicU64::new(0),
             issued: AtomicU64::new(0),
             codes: Mutex::new(Vec::new()),
+            single_active: std::sync::atomic::AtomicBool::new(false),
+            issue_number: AtomicU64::new(0),
         })
     }
 
@@ -118,6 +124,13 @@ impl AuthState {
     /// Sets the lifetime of tokens issued from now on.
     pub fn set_expires_in(&self, secs: u64) {
         self.expires_in.store(secs, Ordering::SeqCst);
+    }
+
+    /// Keeps one active token per agent from now on, as many providers do: issuing a token
+    /// revokes the agent's previous ones (the sandbox upstream refuses a token once it has seen
+    /// a later one of the same agent).
+    pub fn set_single_active_token(&self, on: bool) {
+        self.single_active.store(on, Ordering::SeqCst);
     }
 
     /// Makes every answer from now on `fault`.
@@ -243,6 +256,10 @@ impl AuthState {
             iat: now / 1000,
             exp: exp_ms / 1000,
             exp_ms,
+            single: self
+                .single_active
+                .load(Ordering::SeqCst)
+                .then(|| self.issue_number.fetch_add(1, Ordering::SeqCst) + 1),
         };
         Ok((self.jwt.sign(&claims), expires_in))
     }

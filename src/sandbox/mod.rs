@@ -38,6 +38,10 @@ pub struct Claims {
     pub exp: u64,
     /// Expires at, Unix milliseconds (exact, for the upstream's check).
     pub exp_ms: u64,
+    /// Issued by an auth server that keeps one active token per agent: its issue number. The
+    /// upstream refuses a token once it has seen a later one of the same agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub single: Option<u64>,
 }
 
 /// Why a sandbox token was refused.

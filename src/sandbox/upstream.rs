@@ -1,5 +1,6 @@
 //! The sandbox upstream: accepts a request only with exactly one valid, unexpired, unrevoked
-//! sandbox Bearer token, records what it saw, and echoes the request (or streams `/bytes/N`,
+//! sandbox Bearer token (a token of a one-active-token auth server is revoked once a later one
+//! of the same agent has been seen), records what it saw, and echoes the request (or streams `/bytes/N`,
 //! chunked with `?unsized`, answers `/redirect` with a 302, or answers `/slow/MS` after MS
 //! milliseconds).
 
@@ -49,6 +50,8 @@ pub struct Seen {
 pub struct UpstreamState {
     jwt: JwtKey,
     revoked: Mutex<HashSet<String>>,
+    /// Per agent, the latest issue number seen of a one-active-token auth server.
+    latest_issue: Mutex<std::collections::HashMap<String, u64>>,
     seen_tokens: Mutex<HashSet<String>>,
     always_401: AtomicBool,
     requests: AtomicU64,
@@ -66,6 +69,7 @@ impl UpstreamState {
         Arc::new(Self {
             jwt,
             revoked: Mutex::new(HashSet::new()),
+            latest_issue: Mutex::new(std::collections::HashMap::new()),
             seen_tokens: Mutex::new(HashSet::new()),
             always_401: AtomicBool::new(false),
             requests: AtomicU64::new(0),
@@ -178,6 +182,14 @@ impl UpstreamState {
         };
         if self.revoked.lock().unwrap().contains(&claims.jti) {
             return Err("token revoked");
+        }
+        if let Some(number) = claims.single {
+            let mut latest = self.latest_issue.lock().unwrap();
+            let latest = latest.entry(claims.sub.clone()).or_insert(0);
+            if number < *latest {
+                return Err("token revoked: a later one was issued to this agent");
+            }
+            *latest = number;
         }
         self.seen_tokens.lock().unwrap().insert(claims.jti);
         if self.always_401.load(Ordering::SeqCst) {

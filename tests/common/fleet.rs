@@ -92,6 +92,24 @@ impl Redis {
         Ok(String::from_utf8_lossy(&reply).into_owned())
     }
 
+    /// The commands the server has served, all kinds together, but INFO and QUIT (which
+    /// [`Self::command`] itself sends).
+    pub async fn commands_served(&self) -> u64 {
+        let info = self.command(&["INFO", "commandstats"]).await.unwrap();
+        info.lines()
+            .filter(|l| l.starts_with("cmdstat_"))
+            .filter(|l| !l.starts_with("cmdstat_info:") && !l.starts_with("cmdstat_quit:"))
+            .filter_map(|l| {
+                l.split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    }
+
     /// Every key and its whole value (string or hash), raw.
     pub async fn dump(&self) -> Vec<(String, Vec<u8>)> {
         let keys = self.command(&["KEYS", "*"]).await.unwrap();
@@ -163,7 +181,21 @@ impl Fleet {
         credential_extra: &str,
         key: &str,
     ) -> &Replica {
-        let text = format!(
+        let shared = format!(
+            "[shared_cache]\nurl = \"{redis_url}\"\nencryption_key = {{ env = \"CACHE_KEY\" }}\n"
+        );
+        self.add_replica(&shared, credential_extra, key).await
+    }
+
+    /// Adds a replica without a shared cache: it keeps its own token.
+    pub async fn add_alone(&mut self) -> &Replica {
+        self.add_replica("", "", &cache_key()).await
+    }
+
+    /// The text of a replica's config: `[shared_cache]` lines, then the credential's extra
+    /// lines.
+    pub fn config_text(&self, shared: &str, credential_extra: &str) -> String {
+        format!(
             r#"
 [server]
 listen = "127.0.0.1:0"
@@ -171,10 +203,7 @@ listen = "127.0.0.1:0"
 [admin]
 listen = "127.0.0.1:0"
 
-[shared_cache]
-url = "{redis_url}"
-encryption_key = {{ env = "CACHE_KEY" }}
-timeout = "200ms"
+{shared}
 
 [credentials.partner]
 auth_url = "{auth_url}"
@@ -189,7 +218,11 @@ credential = "partner"
 "#,
             auth_url = self.sandbox.auth_url(),
             upstream = self.sandbox.upstream_addr(),
-        );
+        )
+    }
+
+    async fn add_replica(&mut self, shared: &str, credential_extra: &str, key: &str) -> &Replica {
+        let text = self.config_text(shared, credential_extra);
         let env = BTreeMap::from([
             ("PARTNER_SECRET".to_owned(), SECRET.to_owned()),
             ("CACHE_KEY".to_owned(), key.to_owned()),
