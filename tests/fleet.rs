@@ -270,6 +270,11 @@ async fn with_one_active_token_per_agent_the_fleet_fails_no_request() {
     }
     all_hold_tokens(&alone).await;
     let _ = spread(&alone, 300).await;
+    eprintln!(
+        "one active token, replicas alone: {} of 300 refused upstream, {} exchanges",
+        alone.sandbox.upstream.unauthorized(),
+        alone.exchanges()
+    );
     assert!(
         alone.sandbox.upstream.unauthorized() > 0 && alone.exchanges() > 3,
         "replicas alone revoke each other: {} refused, {} exchanges",
