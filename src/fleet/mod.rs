@@ -301,19 +301,29 @@ impl Fleet {
             channel: format!("{tag}:events"),
         };
         let signals = Arc::new(Signals::default());
-        self.inner
-            .listeners
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(keys.channel.clone().into_bytes(), Arc::downgrade(&signals));
-        let fleet = self.inner.clone();
+        {
+            let mut listeners = self
+                .inner
+                .listeners
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            // Slots of credentials a reload dropped listen no more.
+            listeners.retain(|_, slot| slot.strong_count() > 0);
+            listeners.insert(keys.channel.clone().into_bytes(), Arc::downgrade(&signals));
+        }
+        let fleet = Arc::downgrade(&self.inner);
         let channel = keys.channel.clone();
         tokio::spawn(async move {
-            let mut redis = fleet.redis.clone();
-            // Until it works: the manager resubscribes by itself after a reconnect.
-            while let Err(error) = redis.subscribe(&channel).await {
-                tracing::debug!(%error, channel, "shared cache: subscribe failed; retrying");
-                tokio::time::sleep(REJOIN_PROBE_INTERVAL).await;
+            // Until it works, or the fleet is gone: the manager resubscribes by itself after a
+            // reconnect.
+            while let Some(mut redis) = fleet.upgrade().map(|f| f.redis.clone()) {
+                match redis.subscribe(&channel).await {
+                    Ok(()) => return,
+                    Err(error) => {
+                        tracing::debug!(%error, channel, "shared cache: subscribe failed; retrying");
+                        tokio::time::sleep(REJOIN_PROBE_INTERVAL).await;
+                    }
+                }
             }
         });
         Slot {
