@@ -345,3 +345,42 @@ async fn a_lease_holder_killed_mid_exchange_is_taken_over_and_every_request_answ
     all_ok(&fleet, 20).await;
     assert_eq!(fleet.exchanges(), 2, "one exchange after the lease lapsed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_dropped_unpublished_is_given_back_at_once() {
+    use tokengate::fleet::{Acquired, Fleet as SharedCache, FleetSettings, seal::SealingKey};
+    let redis = Redis::start().await;
+    let replica = || {
+        let settings = FleetSettings {
+            url: redis.url(),
+            username: None,
+            password: None,
+            key: SealingKey::from_base64(&cache_key()).unwrap(),
+            key_prefix: "tokengate:".into(),
+            timeout: Duration::from_millis(200),
+        };
+        SharedCache::new(settings, tokengate::metrics::Metrics::new())
+            .unwrap()
+            .slot("partner", "https://auth.example/v2/auth\nagent")
+    };
+    let (first, second) = (replica(), replica());
+    let lease_time = Duration::from_secs(60);
+    let Ok(Acquired::Lease(lease)) = first.acquire(0, 0, lease_time).await else {
+        panic!("the first replica takes the lease");
+    };
+    assert!(matches!(
+        second.acquire(0, 0, lease_time).await,
+        Ok(Acquired::Busy)
+    ));
+    drop(lease); // an exchange abandoned
+    let taken = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(Acquired::Lease(_)) = second.acquire(0, 0, lease_time).await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(taken.is_ok(), "given back long before its 60 s lapse");
+}

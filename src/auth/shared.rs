@@ -162,11 +162,12 @@ impl Inner {
                 }
                 Ok(Acquired::Lease(lease)) => {
                     self.backoff.continue_from(lease.failures);
+                    let generation = lease.generation;
                     return match self.exchange().await {
                         Ok(token) => {
                             let (record, expires_ms) = token.to_record();
-                            match slot.publish(&lease, expires_ms, &record).await {
-                                Ok(()) => Ok(token.published_as(lease.generation)),
+                            match slot.publish(lease, expires_ms, &record).await {
+                                Ok(()) => Ok(token.published_as(generation)),
                                 Err(_) => Ok(token),
                             }
                         }
@@ -178,7 +179,7 @@ impl Inner {
                             let record = Zeroizing::new(
                                 serde_json::to_vec(&Failure::of(&error)).unwrap_or_default(),
                             );
-                            let _ = slot.publish_failure(&lease, &record, delay).await;
+                            let _ = slot.publish_failure(lease, &record, delay).await;
                             Err(error)
                         }
                     };
@@ -297,8 +298,9 @@ impl Inner {
             {
                 Ok(Acquired::Lease(lease)) => {
                     let (record, expires_ms) = token.to_record();
-                    if slot.publish(&lease, expires_ms, &record).await.is_ok() {
-                        let published = Token::clone(token).published_as(lease.generation);
+                    let generation = lease.generation;
+                    if slot.publish(lease, expires_ms, &record).await.is_ok() {
+                        let published = Token::clone(token).published_as(generation);
                         self.install(Arc::new(published)).await;
                     }
                     return;

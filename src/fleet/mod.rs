@@ -498,13 +498,27 @@ pub enum Acquired {
     Busy,
 }
 
-/// The right to run the exchange for the fleet, until its lease time runs out.
+/// The right to run the exchange for the fleet, until its lease time runs out. Dropped
+/// without being published (an exchange abandoned, e.g. by a client gone away), it is given
+/// back at once, so the fleet does not wait for it to lapse.
 #[derive(Debug)]
 pub struct Lease {
     /// The fleet generation the token obtained under this lease is published as.
     pub generation: u64,
     /// The failed exchanges in a row before this one, fleet-wide: the backoff's step.
     pub failures: u32,
+    /// Where to give it back; `None` once published.
+    slot: Option<Slot>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move { slot.release().await });
+        }
+    }
 }
 
 impl Slot {
@@ -582,6 +596,7 @@ impl Slot {
                     return Ok(Acquired::Lease(Lease {
                         generation: number(1).ok_or(Unreachable)?,
                         failures: number(2).unwrap_or(0).min(u64::from(u32::MAX)) as u32,
+                        slot: Some(self.clone()),
                     }));
                 }
                 Some(b"busy") => return Ok(Acquired::Busy),
@@ -625,10 +640,11 @@ impl Slot {
     /// and gives the lease back. A newer generation already published is kept.
     pub async fn publish(
         &self,
-        lease: &Lease,
+        mut lease: Lease,
         expires_ms: u64,
         record: &[u8],
     ) -> Result<(), Unreachable> {
+        lease.slot = None;
         let sealed = self
             .fleet
             .key
@@ -653,10 +669,11 @@ impl Slot {
     /// backoff for `delay`, and gives the lease back.
     pub async fn publish_failure(
         &self,
-        _lease: &Lease,
+        mut lease: Lease,
         record: &[u8],
         delay: Duration,
     ) -> Result<(), Unreachable> {
+        lease.slot = None;
         let sealed = self.fleet.key.seal(&self.aad(b"backoff", &[]), record);
         let mut invocation = scripts().fail.prepare_invoke();
         invocation
@@ -671,8 +688,8 @@ impl Slot {
         self.fleet.invoke("fail", &invocation).await.map(drop)
     }
 
-    /// Gives `lease` back without publishing (the exchange was abandoned).
-    pub async fn release(&self, _lease: &Lease) {
+    /// Gives this replica's lease back without publishing (a [`Lease`] dropped unpublished).
+    async fn release(&self) {
         let mut invocation = scripts().release.prepare_invoke();
         invocation
             .key(&self.keys.lease)
