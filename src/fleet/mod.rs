@@ -524,8 +524,9 @@ impl Drop for Lease {
 impl Slot {
     /// One decision, atomically: a token the fleet holds that expires after `min_expires_ms`
     /// (Unix ms) and is of a generation above `above`; else the fleet's backoff; else the lease for
-    /// `lease_for`; else [`Acquired::Busy`]. An entry this replica cannot open (another key)
-    /// is logged and skipped, as if absent.
+    /// `lease_for`; else [`Acquired::Busy`]. A token entry this replica cannot open (another
+    /// key) is logged and skipped, as if absent; a backoff entry it cannot open makes it act
+    /// alone ([`Unreachable`]).
     pub async fn acquire(
         &self,
         min_expires_ms: u64,
@@ -588,8 +589,8 @@ impl Slot {
                                 retry_after,
                             });
                         }
-                        // Unreadable: this replica ignores the shared backoff and keeps its own.
-                        None => return Ok(Acquired::Busy),
+                        // Unreadable (another key): this replica acts alone, with its own backoff.
+                        None => return Err(Unreachable),
                     }
                 }
                 Some(b"lease") => {
