@@ -165,34 +165,49 @@ async fn a_code_10_storm_over_three_replicas_makes_no_more_exchanges_than_one_re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_down_no_request_fails_and_back_the_fleet_converges_on_one_token() {
+    use std::sync::atomic::{AtomicBool, Ordering};
     let redis = Redis::start().await;
-    let url = redis.url();
-    let fleet = Fleet::start(3, &url, 3600).await;
+    let fleet = Fleet::start(3, &redis.url(), 3600).await;
     all_ok(&fleet, 30).await;
     all_hold_tokens(&fleet).await;
 
-    let place = redis.kill().await;
-    // Each replica alone: a dropped token is exchanged again by each on its own.
-    for r in &fleet.replicas {
-        r.gateway.credential("partner").unwrap().invalidate().await;
-    }
-    all_ok(&fleet, 60).await;
-    all_hold_tokens(&fleet).await;
-
-    let redis = Redis::restart(place).await;
-    tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            let held = tokens(&fleet).await;
-            if held.iter().all(Option::is_some) && held.windows(2).all(|w| w[0] == w[1]) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    // Load throughout: every answer must be 200 while Redis dies, stays away and comes back.
+    let done = AtomicBool::new(false);
+    let fleet = &fleet;
+    let load = async {
+        let mut served = 0;
+        while !done.load(Ordering::Relaxed) {
+            all_ok(fleet, 30).await;
+            served += 30;
         }
-    })
-    .await
-    .expect("the replicas converge on one token once Redis is back");
-    all_ok(&fleet, 30).await;
-    drop(redis);
+        served
+    };
+    let outage = async {
+        let place = redis.kill().await;
+        // Each replica alone: a dropped token is exchanged again by each on its own.
+        for r in &fleet.replicas {
+            r.gateway.credential("partner").unwrap().invalidate().await;
+        }
+        all_hold_tokens(fleet).await;
+        let redis = Redis::restart(place).await;
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let held = tokens(fleet).await;
+                if held.iter().all(Option::is_some) && held.windows(2).all(|w| w[0] == w[1]) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("the replicas converge on one token once Redis is back");
+        done.store(true, Ordering::Relaxed);
+        redis
+    };
+    let (served, _redis) = tokio::join!(load, outage);
+    eprintln!("{served} requests served through the outage, all 200");
+    assert!(served >= 60, "{served} requests served through the outage");
+    all_ok(fleet, 30).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,7 +286,7 @@ async fn with_one_active_token_per_agent_the_fleet_fails_no_request() {
     all_hold_tokens(&alone).await;
     let _ = spread(&alone, 300).await;
     eprintln!(
-        "one active token, replicas alone: {} of 300 refused upstream, {} exchanges",
+        "one active token, replicas alone: {} refusals upstream for 300 requests, {} exchanges",
         alone.sandbox.upstream.unauthorized(),
         alone.exchanges()
     );
