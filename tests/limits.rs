@@ -25,6 +25,25 @@ async fn a_slow_upstream_gives_504_at_request_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_on_a_pooled_connection_gets_its_own_deadline() {
+    // One timer per upstream connection: set by its first request, it fires while the
+    // connection idles in the pool, and must move to the next request's deadline rather than
+    // cut that request short; and a later slow request still gets its 504.
+    let h = Harness::with_server("request_timeout = \"400ms\"").await;
+    let client = client();
+    let (status, _, _) = send(&client, get(&h.url("/slow/10"))).await;
+    assert_eq!(status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(600)).await; // the first deadline passes, idle
+    for _ in 0..3 {
+        let (status, _, body) = send(&client, get(&h.url("/slow/200"))).await;
+        assert_eq!(status, StatusCode::OK, "{body:?}");
+    }
+    let (status, headers, _) = send(&client, get(&h.url("/slow/2000"))).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(headers["x-tokengate-error"], "upstream_timeout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_that_never_completes_a_connect_gives_504_at_connect_timeout() {
     // A loopback listener that never accepts: once its accept queue is full, Linux drops new
     // SYNs, so a connect neither succeeds nor fails; it hangs.

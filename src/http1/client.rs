@@ -27,8 +27,9 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{Method, StatusCode, Version, request, response};
 use http_body::{Frame, SizeHint};
-use tokio::io::AsyncWriteExt;
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 
 use super::chunked::{Advance, Chunk};
 use super::fields::{
@@ -61,6 +62,9 @@ pub enum Error {
     /// The response is not HTTP/1.x as tokengate reads it.
     #[error("malformed upstream response: {0}")]
     Malformed(&'static str),
+    /// The response head did not arrive by the request's deadline.
+    #[error("upstream did not answer in time")]
+    Timeout,
 }
 
 /// A connection to an upstream, with the bytes read from it and not yet used.
@@ -74,6 +78,11 @@ pub struct Conn {
     head: Vec<u8>,
     /// When its owner last sent a request on it ([`Conn::mark_sent`]).
     sent_at: Option<Instant>,
+    /// The deadline of the response head of the request in flight ([`exchange`]).
+    due: Instant,
+    /// Fires no later than `due`: made at the connection's first wait and moved only when it
+    /// fires early, so a request costs no timer of its own (docs/BENCHMARKS.md).
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl Conn {
@@ -86,6 +95,8 @@ impl Conn {
             read_size: READ_MIN,
             head: Vec::new(),
             sent_at: None,
+            due: Instant::now(),
+            timer: None,
         })
     }
 
@@ -134,8 +145,40 @@ impl Conn {
         Poll::Ready(Ok(n))
     }
 
-    async fn fill(&mut self) -> io::Result<usize> {
-        std::future::poll_fn(|cx| self.poll_fill(cx)).await
+    /// Ready once the deadline of the request in flight has passed; until then the waker is
+    /// woken by that time.
+    fn poll_due(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let due = tokio::time::Instant::from_std(self.due);
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if timer.deadline() > due {
+            timer.as_mut().reset(due);
+        }
+        while timer.as_mut().poll(cx).is_ready() {
+            if tokio::time::Instant::now() >= due {
+                return Poll::Ready(());
+            }
+            // Set for an earlier request: it moves to this one's deadline.
+            timer.as_mut().reset(due);
+        }
+        Poll::Pending
+    }
+
+    /// `op` on this connection until it is ready, or [`Error::Timeout`] once the deadline of
+    /// the request in flight has passed.
+    async fn before_due<T>(
+        &mut self,
+        mut op: impl FnMut(&mut Self, &mut Context<'_>) -> Poll<T>,
+    ) -> Result<T, Error> {
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(out) = op(self, cx) {
+                return Poll::Ready(Ok(out));
+            }
+            ready!(self.poll_due(cx));
+            Poll::Ready(Err(Error::Timeout))
+        })
+        .await
     }
 }
 
@@ -196,11 +239,12 @@ pub struct Failed {
 }
 
 /// Sends the request of `parts` with `body` on `conn` ([`encode_head`]) and reads the
-/// response head, which has no body if the method is `HEAD`.
+/// response head, which has no body if the method is `HEAD`, by `due` ([`Error::Timeout`]).
 pub async fn exchange(
     mut conn: Box<Conn>,
     parts: &request::Parts,
     body: &[u8],
+    due: Instant,
     home: Arc<dyn Home>,
 ) -> Result<(response::Parts, Body), Failed> {
     let method = &parts.method;
@@ -209,22 +253,28 @@ pub async fn exchange(
         unsent,
         unanswered,
     };
+    conn.due = due;
     let mut head = std::mem::take(&mut conn.head);
     encode_head(parts, body.len(), &mut head);
     let mut bufs = [IoSlice::new(&head), IoSlice::new(body)];
     let mut slices = &mut bufs[..if body.is_empty() { 1 } else { 2 }];
     let mut sent = 0;
     while !slices.is_empty() {
-        let error = match conn.io.write_vectored(slices).await {
-            Ok(0) => io::Error::from(io::ErrorKind::WriteZero),
-            Ok(n) => {
+        let written = conn
+            .before_due(|c, cx| Pin::new(&mut c.io).poll_write_vectored(cx, slices))
+            .await;
+        let error = match written {
+            Ok(Ok(0)) => io::Error::from(io::ErrorKind::WriteZero).into(),
+            Ok(Ok(n)) => {
                 sent += n;
                 IoSlice::advance_slices(&mut slices, n);
                 continue;
             }
-            Err(e) => e,
+            Ok(Err(e)) => e.into(),
+            // Not sent again elsewhere: that would double the wait.
+            Err(timeout) => return Err(failed(timeout, false, false)),
         };
-        return Err(failed(error.into(), sent == 0, true));
+        return Err(failed(error, sent == 0, true));
     }
     if head.capacity() <= HEAD_ROOM_KEPT {
         conn.head = head;
@@ -242,10 +292,11 @@ pub async fn exchange(
             Ok(None) => {}
             Err(error) => return Err(failed(error, false, false)),
         }
-        match conn.fill().await {
-            Ok(0) => return Err(failed(Error::Closed, false, !answered)),
-            Ok(_) => answered = true,
-            Err(e) => return Err(failed(e.into(), false, !answered)),
+        match conn.before_due(Conn::poll_fill).await {
+            Ok(Ok(0)) => return Err(failed(Error::Closed, false, !answered)),
+            Ok(Ok(_)) => answered = true,
+            Ok(Err(e)) => return Err(failed(e.into(), false, !answered)),
+            Err(timeout) => return Err(failed(timeout, false, false)),
         }
     }
 }

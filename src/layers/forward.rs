@@ -55,10 +55,14 @@ fn client_error(error: hyper_util::client::legacy::Error, connect_timeout: Durat
     ProxyError::UpstreamUnreachable(Box::new(error))
 }
 
-/// Classifies a failed send through a [`Pool`], as [`client_error`] does.
-fn pool_error(error: PoolError, connect_timeout: Duration) -> ProxyError {
+/// Classifies a failed send through a [`Pool`], as [`client_error`] does; a response head
+/// past its deadline is a 504 after `timeout`.
+fn pool_error(error: PoolError, connect_timeout: Duration, timeout: Duration) -> ProxyError {
     match error {
         PoolError::ConnectTimeout(_) => ProxyError::UpstreamTimeout(connect_timeout),
+        PoolError::Exchange(crate::http1::client::Error::Timeout) => {
+            ProxyError::UpstreamTimeout(timeout)
+        }
         PoolError::Streamed(e) => client_error(e, connect_timeout),
         other => ProxyError::UpstreamUnreachable(Box::new(other) as BoxError),
     }
@@ -105,7 +109,7 @@ impl Service<Request<ProxyBody>> for Forward {
             connect_timeout,
             body_idle,
         } = *self;
-        let from_pool = move |e| pool_error(e, connect_timeout);
+        let from_pool = move |e| pool_error(e, connect_timeout, timeout);
         // One future per way, each holding only what its way needs: the request moved once,
         // and the common one (a whole body to a plain upstream) under 1 KiB, which keeps its
         // box on mimalloc's fast path.
@@ -113,10 +117,12 @@ impl Service<Request<ProxyBody>> for Forward {
             // tokengate's own client leaves the request with us and hop-by-hop headers out.
             UpstreamClient::Plain(pool) => match req.into_parts() {
                 (parts, ProxyBody::Full(body)) => Box::pin(async move {
-                    // One clock reading for the pool's idle check and the deadline.
+                    // One clock reading for the pool's idle check and the deadline, which the
+                    // connection's own timer keeps (no timer per request).
                     let now = Instant::now();
-                    let sent = pool.send(&parts, body.as_deref().unwrap_or_default(), now);
-                    let response = within(timeout, now, sent, from_pool).await?;
+                    let due = now + timeout.min(LONGEST_WAIT);
+                    let sent = pool.send(&parts, body.as_deref().unwrap_or_default(), now, due);
+                    let response = sent.await.map_err(from_pool)?;
                     if response.status() == StatusCode::UNAUTHORIZED {
                         keep_for_replay(Request::from_parts(parts, ProxyBody::Full(body)));
                     }

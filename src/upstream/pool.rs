@@ -100,13 +100,15 @@ impl Pool {
     }
 
     /// Sends the request of `parts` with the whole `body` (its URI goes out in origin form) and
-    /// returns the response, whose body gives the connection back when it has been read to its
-    /// end. The request stays the caller's, for a replay.
+    /// returns the response, whose head must arrive by `due`, and whose body gives the
+    /// connection back when it has been read to its end. The request stays the caller's, for a
+    /// replay.
     pub async fn send(
         self: &Arc<Self>,
         parts: &request::Parts,
         body: &[u8],
         now: Instant,
+        due: Instant,
     ) -> Result<Response<PeerBody>, PoolError> {
         let mut fresh = false;
         loop {
@@ -117,7 +119,7 @@ impl Pool {
             };
             conn.mark_sent(now); // its idle time counts from here when it comes back
             let home = self.clone() as Arc<dyn h1::Home>;
-            match h1::exchange(conn, parts, body, home).await {
+            match h1::exchange(conn, parts, body, due, home).await {
                 Ok((head, body)) => return Ok(Response::from_parts(head, PeerBody::H1(body))),
                 Err(failed)
                     if reused
@@ -292,8 +294,14 @@ mod tests {
         let ProxyBody::Full(body) = body else {
             panic!("a whole body");
         };
-        pool.send(&parts, &body.unwrap_or_default(), Instant::now())
-            .await
+        let now = Instant::now();
+        pool.send(
+            &parts,
+            &body.unwrap_or_default(),
+            now,
+            now + Duration::from_secs(30),
+        )
+        .await
     }
 
     /// Sends `req` and reads the whole answer as hyper's server would.
@@ -348,7 +356,8 @@ mod tests {
         let (parts, _) = request(Method::GET, b"").into_parts();
         // Sent (by its clock reading) a whole idle timeout ago: stale the moment it is back.
         let long_ago = Instant::now() - POOL_IDLE_TIMEOUT;
-        let response = pool.send(&parts, b"", long_ago).await.unwrap();
+        let due = Instant::now() + Duration::from_secs(30);
+        let response = pool.send(&parts, b"", long_ago, due).await.unwrap();
         assert_eq!(
             response.into_body().collect().await.unwrap().to_bytes(),
             "ok"
