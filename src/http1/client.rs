@@ -156,7 +156,7 @@ impl Conn {
             timer.as_mut().reset(due);
         }
         while timer.as_mut().poll(cx).is_ready() {
-            if tokio::time::Instant::now() >= due {
+            if timer.deadline() >= due {
                 return Poll::Ready(());
             }
             // Set for an earlier request: it moves to this one's deadline.
