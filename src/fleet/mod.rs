@@ -476,12 +476,11 @@ pub struct Slot {
 
 /// What the fleet offers a replica that needs a token.
 pub enum Acquired {
-    /// A token usable past the expiry asked for: its generation, expiry and opened record.
+    /// A token usable past the expiry asked for: its generation and opened record (which
+    /// holds its expiry).
     Token {
         /// The fleet generation it was published under.
         generation: u64,
-        /// When it expires, Unix ms.
-        expires_ms: u64,
         /// The record the publisher sealed.
         record: Zeroizing<Vec<u8>>,
     },
@@ -571,11 +570,7 @@ impl Slot {
                     };
                     match self.open_token(generation, expires_ms, sealed) {
                         Some(record) => {
-                            return Ok(Acquired::Token {
-                                generation,
-                                expires_ms,
-                                record,
-                            });
+                            return Ok(Acquired::Token { generation, record });
                         }
                         None => above = above.max(generation),
                     }
@@ -723,11 +718,6 @@ impl Slot {
             .keeper
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(keeper);
-    }
-
-    /// Whether the fleet is reachable, as of the last operation.
-    pub fn is_up(&self) -> bool {
-        self.fleet.up.load(Ordering::Relaxed)
     }
 
     /// The associated data of a record of `kind`: the credential's identity, then `extra`.

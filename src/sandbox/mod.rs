@@ -6,7 +6,6 @@ pub mod upstream;
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::body::ClientBody;
 use base64::Engine;
@@ -18,6 +17,9 @@ use http_body_util::combinators::BoxBody;
 use sha2::Sha256;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+/// Milliseconds since the Unix epoch (the fleet's clock, shared).
+pub use crate::fleet::unix_ms;
 
 /// The most connections a sandbox server serves at once.
 pub const SANDBOX_MAX_CONNECTIONS: usize = 4096;
@@ -114,14 +116,6 @@ impl std::fmt::Debug for JwtKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("JwtKey([REDACTED])")
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
 }
 
 /// The sandbox auth server and upstream, sharing a token key, on ephemeral loopback ports.
