@@ -115,4 +115,10 @@ impl Ctx {
     pub fn replayed(&self) -> bool {
         self.0.replayed.load(Ordering::Relaxed)
     }
+
+    /// How many hold this context (tests: a request kept in its own context is never freed).
+    #[cfg(test)]
+    pub(crate) fn holders(&self) -> usize {
+        Arc::strong_count(&self.0)
+    }
 }

@@ -103,7 +103,7 @@ impl Metrics {
         );
         registry.register(
             "upstream_retries",
-            "Requests replayed after a 401",
+            "Requests replayed after a 401, counted with their answer",
             retries.clone(),
         );
         registry.register(

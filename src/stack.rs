@@ -65,7 +65,7 @@ pub fn proxy(
             idle_timeout: server.body_idle_timeout,
         }))
         // On 401 to our token: invalidate it if still current, replay once with a fresh one.
-        .layer(RetryOn401Layer::new(metrics))
+        .layer(RetryOn401Layer)
         // Set Authorization from the cache (or the one shared exchange); after stripping.
         .layer(InjectBearerLayer)
         // Pooled http/https client, bounded by request_timeout; response bodies by idleness.

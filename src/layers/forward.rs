@@ -122,18 +122,24 @@ impl Service<Request<ProxyBody>> for Forward {
                     let now = Instant::now();
                     let due = now + timeout.min(LONGEST_WAIT);
                     let sent = pool.send(&parts, body.as_deref().unwrap_or_default(), now, due);
-                    let response = sent.await.map_err(from_pool)?;
+                    let mut response = sent.await.map_err(from_pool)?;
                     if response.status() == StatusCode::UNAUTHORIZED {
-                        keep_for_replay(Request::from_parts(parts, ProxyBody::Full(body)));
+                        let again = Request::from_parts(parts, ProxyBody::Full(body));
+                        let ctx = Ctx::of(&again).cloned();
+                        leave_for_retry(&mut response, ctx, Some(again));
                     }
                     Ok(guarded(response, body_idle))
                 }),
                 (parts, streaming) => {
                     let mut req = Request::from_parts(parts, streaming);
                     declare_unknown_length(&mut req);
+                    let ctx = Ctx::of(&req).cloned();
                     Box::pin(async move {
                         let sent = pool.send_streaming(req);
-                        let response = within(timeout, Instant::now(), sent, from_pool).await?;
+                        let mut response = within(timeout, Instant::now(), sent, from_pool).await?;
+                        if response.status() == StatusCode::UNAUTHORIZED {
+                            leave_for_retry(&mut response, ctx, None);
+                        }
                         let response = strip_hops(response);
                         Ok(guarded(response, body_idle))
                     })
@@ -142,16 +148,15 @@ impl Service<Request<ProxyBody>> for Forward {
             UpstreamClient::Tls(client) => Box::pin(async move {
                 let mut req = req;
                 declare_unknown_length(&mut req);
+                let ctx = Ctx::of(&req).cloned();
                 let again = whole_copy(&req);
                 let sent = client.request(req);
-                let response = within(timeout, Instant::now(), sent, |e| {
+                let mut response = within(timeout, Instant::now(), sent, |e| {
                     client_error(e, connect_timeout)
                 })
                 .await?;
-                if response.status() == StatusCode::UNAUTHORIZED
-                    && let Some(again) = again
-                {
-                    keep_for_replay(again);
+                if response.status() == StatusCode::UNAUTHORIZED {
+                    leave_for_retry(&mut response, ctx, again);
                 }
                 Ok(guarded(
                     strip_hops(response.map(PeerBody::Hyper)),
@@ -189,11 +194,23 @@ fn within<T, E>(
     })
 }
 
-/// Leaves `req`, answered 401, in its context for the retry layer.
-fn keep_for_replay(req: Request<ProxyBody>) {
-    if let Some(ctx) = Ctx::of(&req).cloned() {
-        ctx.keep_unanswered(req);
+/// Leaves what the retry layer needs with a response answered 401: the request's context, on
+/// the response, holding the request itself if its body was held whole (`again`). Only a 401
+/// pays for this; other answers carry nothing back. Only the first answer to a token of ours
+/// is replayed, so nothing is left for any other: a request kept in its own context that
+/// nobody takes back would never be freed (each holds the other).
+pub(crate) fn leave_for_retry<B>(
+    response: &mut http::Response<B>,
+    ctx: Option<Ctx>,
+    again: Option<Request<ProxyBody>>,
+) {
+    let Some(ctx) = ctx.filter(|ctx| ctx.token_generation().is_some() && !ctx.replayed()) else {
+        return;
+    };
+    if let Some(again) = again {
+        ctx.keep_unanswered(again);
     }
+    response.extensions_mut().insert(ctx);
 }
 
 /// Removes hop-by-hop headers from a response that came through hyper's client.
@@ -228,4 +245,47 @@ fn whole_copy(req: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
         copy.extensions_mut().insert(ctx.clone());
     }
     Some(copy)
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    /// A request with a body held whole, carrying `ctx`.
+    fn request(ctx: &Ctx) -> Request<ProxyBody> {
+        let mut req = Request::new(ProxyBody::Full(Some(Bytes::from_static(b"again"))));
+        req.extensions_mut().insert(ctx.clone());
+        req
+    }
+
+    #[test]
+    fn only_a_first_401_to_our_token_is_left_for_the_retry() {
+        let unauthorized = || http::Response::builder().status(401).body(()).unwrap();
+        // A token of ours, not yet replayed: the context rides on the response, the request
+        // in it.
+        let ours = Ctx::new(None);
+        ours.sent_with(7);
+        let mut response = unauthorized();
+        leave_for_retry(&mut response, Some(ours.clone()), Some(request(&ours)));
+        assert!(response.extensions().get::<Ctx>().is_some());
+        assert!(ours.take_unanswered().is_some());
+        drop(response);
+        assert_eq!(ours.holders(), 1);
+
+        // The client's own token (none injected), or a replay answered 401 again: nothing is
+        // kept, and nothing is left holding the context.
+        let replayed = Ctx::new(None);
+        replayed.sent_with(8);
+        replayed.mark_replayed();
+        for ctx in [Ctx::new(None), replayed] {
+            let mut response = unauthorized();
+            leave_for_retry(&mut response, Some(ctx.clone()), Some(request(&ctx)));
+            assert!(response.extensions().get::<Ctx>().is_none());
+            assert!(ctx.take_unanswered().is_none());
+            drop(response);
+            assert_eq!(ctx.holders(), 1);
+        }
+    }
 }

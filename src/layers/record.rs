@@ -1,7 +1,8 @@
 //! The observing middleware, outermost on the request path: a `request` span around everything
 //! below (method, URI, version; at debug level), then, once the response head is out, the
-//! request counted by route and status, its duration, and its access-log line. The matched
-//! route and whether the request was replayed come from the request's [`Ctx`].
+//! request counted by route and status (and as a retry if it was replayed after a 401), its
+//! duration, and its access-log line. The matched route and whether the request was replayed
+//! come from the request's [`Ctx`].
 //!
 //! This is tower-http's `TraceLayer` and the metrics middleware in one: the two each wrapped
 //! the request and read the clock, and the trace layer also wrapped every response body
@@ -151,6 +152,10 @@ where
             let status = response.status().as_u16();
             this.metrics
                 .request(route.map(|r| (&r.name, &r.ok_count)), status, latency);
+            let retried = this.ctx.replayed();
+            if retried && let Some(route) = route {
+                this.metrics.retry(&route.name);
+            }
             // One line per request. `bytes` is the response's declared length, or its body's
             // known one (streamed bodies of unknown length log none); never a header value.
             let seen = this.seen.as_ref();
@@ -164,7 +169,7 @@ where
                 status,
                 // Rounded to whole microseconds.
                 latency_ms = latency.as_micros() as f64 / 1000.0,
-                retried = this.ctx.replayed(),
+                retried,
                 credential = route.map(|r| r.credential.name().as_ref()),
                 bytes = response
                     .headers()

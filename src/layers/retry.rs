@@ -2,13 +2,14 @@
 //! buffered request with a fresh token. Streaming bodies are not replayed; a second 401 goes to
 //! the client.
 //!
-//! Nothing is copied up front: the upstream layer, which consumes the request, hands it back
-//! through the request's [`Ctx`] when the answer is 401 and the body was held whole. A request
-//! that is not answered 401 costs this layer one service clone and no allocation.
+//! Nothing is copied up front: the upstream layer, which consumes the request, hands back the
+//! request's [`Ctx`] on a response answered 401, holding the request itself when its body was
+//! held whole. A request that is not answered 401 costs this layer one service clone (no
+//! allocation, no reference count). The replay is counted where every request is, by the
+//! observing layer, from the context's mark.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use futures_util::future::BoxFuture;
@@ -19,29 +20,16 @@ use tower::{Layer, Service, ServiceExt};
 use crate::body::ProxyBody;
 use crate::ctx::Ctx;
 use crate::error::ProxyError;
-use crate::metrics::Metrics;
 
-/// Replays a request once when the upstream answers 401 to an injected token.
-#[derive(Debug, Clone)]
-pub struct RetryOn401Layer {
-    metrics: Arc<Metrics>,
-}
-
-impl RetryOn401Layer {
-    /// Counts replays in `metrics`.
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics }
-    }
-}
+/// Replays a request answered 401 once, with a fresh token. See the module docs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RetryOn401Layer;
 
 impl<S> Layer<S> for RetryOn401Layer {
     type Service = RetryOn401<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RetryOn401 {
-            inner,
-            metrics: self.metrics.clone(),
-        }
+        RetryOn401 { inner }
     }
 }
 
@@ -49,7 +37,6 @@ impl<S> Layer<S> for RetryOn401Layer {
 #[derive(Debug, Clone)]
 pub struct RetryOn401<S> {
     inner: S,
-    metrics: Arc<Metrics>,
 }
 
 impl<S, RB> Service<Request<ProxyBody>> for RetryOn401<S>
@@ -70,37 +57,22 @@ where
     }
 
     fn call(&mut self, req: Request<ProxyBody>) -> Self::Future {
-        let ctx = Ctx::of(&req).cloned();
         // The inner service was made ready by poll_ready; the clone takes its place, and the
         // ready one is kept for a replay.
         let clone = self.inner.clone();
         let first = self.inner.call(req);
         ResponseFuture::First {
             first,
-            again: Some(Again {
-                inner: clone,
-                ctx,
-                metrics: self.metrics.clone(),
-            }),
+            again: Some(clone),
         }
     }
 }
 
-/// What a replay needs besides the request, which the upstream layer leaves in the request's
-/// [`Ctx`] when its answer is 401 ([`Ctx::take_unanswered`]).
-struct Again<S> {
-    inner: S,
-    ctx: Option<Ctx>,
-    metrics: Arc<Metrics>,
-}
-
 pin_project! {
-    /// The future of [`RetryOn401`]: the first attempt, and only after a 401 a boxed replay.
+    /// The future of [`RetryOn401`]: the first answer, then the replay if there is one.
     #[project = Proj]
     pub enum ResponseFuture<S: Service<Request<ProxyBody>>, RB> {
-        /// The first attempt.
-        First { #[pin] first: S::Future, again: Option<Again<S>> },
-        /// Invalidating the token and replaying.
+        First { #[pin] first: S::Future, again: Option<S> },
         Replay { replay: BoxFuture<'static, Result<Response<RB>, ProxyError>> },
     }
 }
@@ -125,7 +97,7 @@ where
                     let Some(again) = again.take() else {
                         return Poll::Ready(Err(ProxyError::Internal("polled after a 401")));
                     };
-                    match again.replay(response) {
+                    match replay(again, response) {
                         Ok(replay) => replay,
                         Err(response) => return Poll::Ready(Ok(response)),
                     }
@@ -136,43 +108,66 @@ where
     }
 }
 
-impl<S> Again<S> {
-    /// The replay for a 401 `response`, or the response itself when it goes to the client.
-    fn replay<RB>(
-        self,
-        response: Response<RB>,
-    ) -> Result<BoxFuture<'static, Result<Response<RB>, ProxyError>>, Response<RB>>
-    where
-        S: Service<Request<ProxyBody>, Response = Response<RB>, Error = ProxyError>
-            + Send
-            + 'static,
-        S::Future: Send,
-        RB: Send + 'static,
-    {
-        let Self {
-            mut inner,
-            ctx,
-            metrics,
-        } = self;
-        let Some(ctx) = ctx else {
-            return Err(response); // not routed: the 401 is not about a token of ours
+/// The replay of the request `response` (401) answered, through `inner`; or `response` itself
+/// when the 401 is not about a token of ours.
+fn replay<S, RB>(
+    mut inner: S,
+    mut response: Response<RB>,
+) -> Result<BoxFuture<'static, Result<Response<RB>, ProxyError>>, Response<RB>>
+where
+    S: Service<Request<ProxyBody>, Response = Response<RB>, Error = ProxyError> + Send + 'static,
+    S::Future: Send,
+    RB: Send + 'static,
+{
+    let Some(ctx) = response.extensions_mut().remove::<Ctx>() else {
+        return Err(response); // no token of ours was used: the 401 is the client's
+    };
+    // Taken back first, whatever happens next: a request left in its own context is freed
+    // only once it is out.
+    let unanswered = ctx.take_unanswered();
+    let (Some(route), Some(generation)) = (ctx.route(), ctx.token_generation()) else {
+        return Err(response);
+    };
+    let route = route.route.clone();
+    Ok(Box::pin(async move {
+        route.credential.invalidate_if_current(generation).await;
+        let Some(req) = unanswered else {
+            tracing::debug!(route = %route.name, "401 on a streamed body; not replayed");
+            return Ok(response);
         };
-        let (Some(route), Some(generation)) = (ctx.route(), ctx.token_generation()) else {
-            return Err(response); // no token of ours was used: the 401 is the client's
-        };
-        let route = route.route.clone();
-        let unanswered = ctx.take_unanswered();
-        Ok(Box::pin(async move {
-            route.credential.invalidate_if_current(generation).await;
-            let Some(req) = unanswered else {
-                tracing::debug!(route = %route.name, "401 on a streamed body; not replayed");
-                return Ok(response);
-            };
-            tracing::debug!(route = %route.name, generation, "401; replaying with a fresh token");
-            drop(response);
-            metrics.retry(&route.name);
-            ctx.mark_replayed();
-            inner.ready().await?.call(req).await
-        }))
+        tracing::debug!(route = %route.name, generation, "401; replaying with a fresh token");
+        drop(response);
+        ctx.mark_replayed();
+        inner.ready().await?.call(req).await
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::layers::forward::leave_for_retry;
+
+    #[tokio::test]
+    async fn a_401_that_cannot_be_replayed_frees_the_request_it_kept() {
+        // As the upstream layer answers a 401 to a token of ours: the request is kept in its
+        // context, which rides on the response. Without a route there is nothing to replay.
+        let upstream = tower::service_fn(|req: Request<ProxyBody>| async move {
+            let ctx = Ctx::of(&req).cloned();
+            let mut response = Response::builder().status(401).body(()).unwrap();
+            leave_for_retry(&mut response, ctx, Some(req));
+            Ok::<_, ProxyError>(response)
+        });
+        let ctx = Ctx::new(None);
+        ctx.sent_with(3);
+        let mut req = Request::new(ProxyBody::Full(Some(Bytes::from_static(b"body"))));
+        req.extensions_mut().insert(ctx.clone());
+        let response = RetryOn401Layer.layer(upstream).oneshot(req).await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert!(response.extensions().get::<Ctx>().is_none());
+        drop(response);
+        assert!(!ctx.replayed());
+        assert_eq!(ctx.holders(), 1, "the kept request still holds its context");
     }
 }

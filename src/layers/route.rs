@@ -44,9 +44,6 @@ pub fn route_request<B>(routes: &Routes, req: &mut Request<B>) -> Result<(), Pro
     // An HTTP/1 request here has at most one valid Host (exactly one for HTTP/1.1): the server
     // side refuses any other ([`crate::http1::request`]).
     let host_header = req.headers().get(http::header::HOST);
-    let ctx = Ctx::of(req)
-        .ok_or(ProxyError::Internal("request without a context"))?
-        .clone();
     // HTTP/1 absolute-form (`GET http://host/x`) is how an HTTP_PROXY client speaks; HTTP/2
     // always carries :authority, so there only the scheme-less origin form exists.
     let absolute_form = req.version() < Version::HTTP_2 && req.uri().scheme().is_some();
@@ -88,6 +85,8 @@ pub fn route_request<B>(routes: &Routes, req: &mut Request<B>) -> Result<(), Pro
     if inject {
         headers.remove(AUTHORIZATION);
     }
-    ctx.set_route(RouteCtx { route, inject });
+    Ctx::of(req)
+        .ok_or(ProxyError::Internal("request without a context"))?
+        .set_route(RouteCtx { route, inject });
     Ok(())
 }
