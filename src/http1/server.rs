@@ -102,6 +102,8 @@ where
         stopping: Box::pin(async move {
             let _ = stopping.wait_for(|stopped| *stopped).await;
         }),
+        stop,
+        waits_seen: None,
     };
     loop {
         let head = match conn.next_head(http).await? {
@@ -122,7 +124,9 @@ where
             keep_alive,
             expects_continue,
         } = head;
-        let after = if !keep_alive || *stop.borrow() {
+        // Read only once it has changed: a read takes the channel's lock.
+        let stopping = conn.stop.has_changed().unwrap_or(true) && *conn.stop.borrow();
+        let after = if !keep_alive || stopping {
             After::Close
         } else if request.version() == Version::HTTP_10 {
             After::KeepAlive10
@@ -273,8 +277,14 @@ struct Conn<IO> {
     deadline: Pin<Box<Sleep>>,
     /// When the wait for the next head began: the last answer, or the connection's start.
     waiting_since: Instant,
-    /// Ready once the listener stops; made once, polled by every wait.
+    /// Ready once the listener stops; made once, polled by a wait only when `stop` has changed
+    /// or the waker it saw may not wake this task.
     stopping: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// The listener's stop signal, as `stopping` watches it.
+    stop: watch::Receiver<bool>,
+    /// The waker `deadline` and `stopping` were last polled with, if they have been since the
+    /// deadline last moved.
+    waits_seen: Option<Waker>,
 }
 
 impl<IO: AsyncRead + Unpin> Conn<IO> {
@@ -299,14 +309,34 @@ impl<IO: AsyncRead + Unpin> Conn<IO> {
                 buf,
                 deadline,
                 stopping,
+                stop,
+                waits_seen,
                 ..
             } = self;
-            let woke = tokio::select! {
-                biased;
-                read = fill(io, buf) => Woke::Read(read),
-                () = deadline.as_mut() => Woke::Deadline,
-                () = stopping.as_mut() => Woke::Stop,
-            };
+            let mut read = pin!(fill(io, buf));
+            let woke = std::future::poll_fn(|cx| {
+                if let Poll::Ready(read) = read.as_mut().poll(cx) {
+                    return Poll::Ready(Woke::Read(read));
+                }
+                // The deadline and the stop signal wake the waker they were last polled with
+                // (the `Future` contract). While that one wakes this task too, each is polled
+                // again only once it may be ready: a poll registers the waker anew, with four
+                // atomic operations, at every wait.
+                let seen = waits_seen.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+                if (!seen || deadline.is_elapsed()) && deadline.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Woke::Deadline);
+                }
+                if (!seen || stop.has_changed().unwrap_or(true))
+                    && stopping.as_mut().poll(cx).is_ready()
+                {
+                    return Poll::Ready(Woke::Stop);
+                }
+                if !seen {
+                    *waits_seen = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            })
+            .await;
             if hibernating {
                 http.hibernating.dec();
             }
@@ -321,6 +351,7 @@ impl<IO: AsyncRead + Unpin> Conn<IO> {
                         return Ok(Next::Ended);
                     }
                     self.deadline.as_mut().reset(due); // answered since it was set
+                    self.waits_seen = None; // polled again: reset does not promise to keep the waker
                 }
             }
         }
