@@ -10,14 +10,13 @@ use tower::{Service, ServiceBuilder};
 use crate::body::{ClientBody, ProxyResponse};
 use crate::config::Config;
 use crate::gateway::SharedLive;
-use crate::layers::access::AccessCheck;
+use crate::layers::admit::Admit;
 use crate::layers::forward::Forward;
 use crate::layers::inject_bearer::InjectBearerLayer;
 use crate::layers::record::RecordLayer;
 use crate::layers::replay_body::{BodyLimits, ReplayBodyLayer};
 use crate::layers::rescue::RescueLayer;
 use crate::layers::retry::RetryOn401Layer;
-use crate::layers::route::RouteMatch;
 use crate::layers::shed::ShedLayer;
 use crate::layers::tunnel::TunnelLayer;
 use crate::metrics::Metrics;
@@ -45,19 +44,19 @@ pub fn proxy(
         // The one place a ProxyError becomes its JSON response (the tower layers' boxed errors
         // included); nothing below writes errors.
         .layer(RescueLayer)
-        // Only allowed clients holding the shared key (if configured) get any further.
-        .layer(FilterLayer::new(AccessCheck::new(live.clone())))
+        // Only allowed clients holding the shared key (if configured) get any further; then
+        // pick the route, rewrite the URI, strip hop-by-hop, apply client_authorization. One
+        // snapshot of the configuration for both.
+        .layer(FilterLayer::new(Admit::new(live.clone())))
         // Shed load past max_concurrent_requests (503 overloaded) instead of queueing it.
         .layer(ShedLayer::new(server.max_concurrent_requests))
         // CONNECT to a `[forward] tunnel_allow` target: SSRF guard, dial, blind tunnel.
         .layer(TunnelLayer::new(
-            live.clone(),
+            live,
             resolver,
             server.connect_timeout,
             config.forward.max_tunnels,
         ))
-        // Pick the route, rewrite the URI, strip hop-by-hop, apply client_authorization.
-        .layer(FilterLayer::new(RouteMatch::new(live)))
         // Hold bodies to max_request_body and body_idle_timeout; buffer small ones for replay.
         .layer(ReplayBodyLayer::new(BodyLimits {
             max_replay_body: server.max_replay_body as u64,

@@ -225,3 +225,30 @@ async fn curl_through_a_tunnel_reaches_the_upstream_without_a_token() {
     assert_eq!(h.upstream.unauthorized(), 1);
     assert_eq!(h.new_exchanges(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_from_a_client_outside_allowed_clients_is_refused_before_any_dial() {
+    use std::collections::HashMap;
+    use tokengate::upstream::ssrf::StaticResolver;
+
+    let (echo, seen) = echo_server().await;
+    let dns = StaticResolver(HashMap::from([(
+        "echo.test".to_owned(),
+        vec!["127.0.0.1".parse().unwrap()],
+    )]));
+    let h = Harness::with(Setup {
+        server_extra: "allowed_clients = [\"10.0.0.0/8\"]".into(),
+        forward: format!(
+            "tunnel_allow = [\"echo.test:{echo}\"]\ntunnel_allow_addresses = [\"127.0.0.1/32\"]"
+        ),
+        resolver: Some(std::sync::Arc::new(dns)),
+        ..Setup::default()
+    })
+    .await;
+    // A listed target on an allowed address (the tunnel would open), but the client may not
+    // use the proxy at all.
+    let (head, _) = connect(h.proxy, &format!("echo.test:{echo}")).await;
+    assert!(head.starts_with("http/1.1 403"), "{head}");
+    assert!(head.contains("x-tokengate-error: forbidden"), "{head}");
+    assert!(seen.lock().unwrap().is_empty(), "nothing went through");
+}

@@ -95,13 +95,13 @@ impl Route {
     }
 
     /// The upstream URI for a request to `path_and_query`.
-    pub fn rewrite(&self, pq: &PathAndQuery) -> Result<Uri, http::Error> {
+    pub fn rewrite(&self, pq: PathAndQuery) -> Result<Uri, http::Error> {
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(self.authority.clone());
         if self.base_path.is_empty() && !self.strip_prefix {
             // The common case: the path goes up as it came, without being re-parsed.
-            parts.path_and_query = Some(pq.clone());
+            parts.path_and_query = Some(pq);
             return Ok(Uri::from_parts(parts)?);
         }
         let path = pq.path();

@@ -1,16 +1,15 @@
 //! Who may use the credentials: the client's address must be in `allowed_clients`, and the
 //! request must carry the shared `require_header` key (compared in constant time, then removed).
+//! Applied first by [`super::admit`].
 
 use http::Request;
-use tower::filter::Predicate;
 
 use crate::ctx::Ctx;
-use crate::error::{BoxError, ProxyError};
-use crate::gateway::SharedLive;
+use crate::error::ProxyError;
 use crate::gateway::access::AccessPolicy;
 
 /// Checks `req` against `policy` and removes the shared key header (it is not forwarded).
-fn check<B>(policy: &AccessPolicy, req: &mut Request<B>) -> Result<(), ProxyError> {
+pub fn check<B>(policy: &AccessPolicy, req: &mut Request<B>) -> Result<(), ProxyError> {
     let peer = Ctx::of(req).and_then(Ctx::peer).map(|a| a.ip());
     let key = policy
         .key_header()
@@ -18,29 +17,6 @@ fn check<B>(policy: &AccessPolicy, req: &mut Request<B>) -> Result<(), ProxyErro
     policy
         .admits(peer, key.as_ref())
         .map_err(ProxyError::Forbidden)
-}
-
-/// The access check as a tower [`Predicate`] (for `tower::filter::FilterLayer`): refuses
-/// requests the current [`AccessPolicy`] does not admit with 403 `forbidden`.
-#[derive(Clone)]
-pub struct AccessCheck {
-    live: SharedLive,
-}
-
-impl AccessCheck {
-    /// Checks against the access policy of the current snapshot.
-    pub fn new(live: SharedLive) -> Self {
-        Self { live }
-    }
-}
-
-impl<B> Predicate<Request<B>> for AccessCheck {
-    type Request = Request<B>;
-
-    fn check(&mut self, mut req: Request<B>) -> Result<Request<B>, BoxError> {
-        check(&self.live.load().access, &mut req)?;
-        Ok(req)
-    }
 }
 
 #[cfg(test)]

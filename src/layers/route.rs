@@ -1,39 +1,15 @@
 //! Routing: pick the first route matching host and path, rewrite the URI onto its upstream,
-//! strip hop-by-hop headers and apply the route's `client_authorization` policy.
+//! strip hop-by-hop headers and apply the route's `client_authorization` policy. Applied by
+//! [`super::admit`], after the access check.
 
 use http::header::{AUTHORIZATION, HOST};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Version};
-use tower::filter::Predicate;
 
 use crate::config::ClientAuthorization;
 use crate::ctx::Ctx;
-use crate::error::{BoxError, ProxyError};
-use crate::gateway::SharedLive;
+use crate::error::ProxyError;
 use crate::gateway::routes::{RouteCtx, Routes};
-
-/// Routing as a tower [`Predicate`] (for `tower::filter::FilterLayer`): matches each request to
-/// a route of the current snapshot and rewrites it, or refuses it; see the module docs.
-#[derive(Clone)]
-pub struct RouteMatch {
-    live: SharedLive,
-}
-
-impl RouteMatch {
-    /// Routes over the current snapshot's routes.
-    pub fn new(live: SharedLive) -> Self {
-        Self { live }
-    }
-}
-
-impl<B> Predicate<Request<B>> for RouteMatch {
-    type Request = Request<B>;
-
-    fn check(&mut self, mut req: Request<B>) -> Result<Request<B>, BoxError> {
-        route_request(&self.live.load().routes, &mut req)?;
-        Ok(req)
-    }
-}
 
 /// Matches `req` to a route and rewrites it for the upstream, in place.
 pub fn route_request<B>(routes: &Routes, req: &mut Request<B>) -> Result<(), ProxyError> {
@@ -68,13 +44,13 @@ pub fn route_request<B>(routes: &Routes, req: &mut Request<B>) -> Result<(), Pro
         _ => true,
     };
 
-    let pq = req
-        .uri()
-        .path_and_query()
-        .cloned()
+    // Moved out of the client's URI, not copied: its bytes are shared with the head's.
+    let pq = std::mem::take(req.uri_mut())
+        .into_parts()
+        .path_and_query
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     *req.uri_mut() = route
-        .rewrite(&pq)
+        .rewrite(pq)
         .map_err(|_| ProxyError::BadRequest("path cannot be rewritten onto the upstream"))?;
     // The version is per hop: the upstream connection negotiates its own (h2 by ALPN on https).
     *req.version_mut() = Version::HTTP_11;

@@ -2,7 +2,7 @@
 //! and checked by the SSRF guard ([`crate::upstream::ssrf`]), dialled at exactly the checked address, and
 //! bytes copied both ways. Tunnels are blind: they carry no token.
 //!
-//! Without `tunnel_allow`, CONNECT passes on and the route layer answers 405.
+//! Without `tunnel_allow`, CONNECT is refused (405) by admission, before it gets here.
 
 pub mod observe;
 
@@ -76,12 +76,13 @@ pub struct Tunnel<S> {
 
 impl<S, B> Service<Request<B>> for Tunnel<S>
 where
-    S: Service<Request<B>, Response = Response<ProxyBody>, Error = BoxError>,
+    S: Service<Request<B>, Response = Response<ProxyBody>>,
+    S::Error: From<ProxyError> + Send + 'static,
     B: Send + 'static,
 {
     type Response = Response<ProxyBody>;
-    type Error = BoxError;
-    type Future = Either<S::Future, BoxFuture<'static, Result<Response<ProxyBody>, BoxError>>>;
+    type Error = S::Error;
+    type Future = Either<S::Future, BoxFuture<'static, Result<Response<ProxyBody>, S::Error>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -93,13 +94,15 @@ where
         }
         let live = self.layer.live.load_full();
         if live.config.forward.tunnel_allow.is_empty() {
-            return Either::Left(self.inner.call(req));
+            // Tunnels were configured when the request was admitted, and are no longer.
+            let refused = ProxyError::MethodNotAllowed(Method::CONNECT);
+            return Either::Right(Box::pin(std::future::ready(Err(refused.into()))));
         }
         let layer = self.layer.clone();
         Either::Right(Box::pin(async move {
             open(req, &live.config.forward, &layer)
                 .await
-                .map_err(BoxError::from)
+                .map_err(S::Error::from)
         }))
     }
 }
