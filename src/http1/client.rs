@@ -320,7 +320,7 @@ pub fn read_response_head(
 ) -> Result<Option<(StatusCode, usize, Bytes)>, Error> {
     let mut buf = BytesMut::from(head);
     Ok(parse_head(&mut buf, method)?
-        .map(|(parts, wire, _, _)| (parts.status, head.len() - buf.len(), wire.lines)))
+        .map(|(parts, wire, _, _)| (parts.status, head.len() - buf.len(), wire.lines.into())))
 }
 
 /// Parses a complete response head at the start of `buf` (skipping informational responses),
@@ -476,7 +476,7 @@ fn parse_head(
             && framing != Framing::UntilClose
             && !(has_te && any_length);
         let wire = WireHead {
-            lines: lines.into(),
+            lines,
             has_length: has_length && matches!(framing, Framing::Length(_) | Framing::Empty),
             has_date,
         };

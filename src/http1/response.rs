@@ -23,7 +23,7 @@ use super::fields::content_length;
 #[derive(Clone, Default)]
 pub struct WireHead {
     /// The header lines, each ending in CRLF.
-    pub lines: Bytes,
+    pub lines: Vec<u8>,
     /// They hold the `Content-Length` that frames the body.
     pub has_length: bool,
     /// They hold a `Date`.
@@ -42,18 +42,19 @@ impl std::fmt::Debug for WireHead {
 }
 
 impl WireHead {
-    /// The lines as headers, appended to `headers`.
-    pub fn append_to(&self, headers: &mut HeaderMap) {
-        for line in self.lines.split(|&b| b == b'\n') {
+    /// The lines as headers, appended to `headers`; the values share one buffer.
+    pub fn append_to(self, headers: &mut HeaderMap) {
+        let lines = Bytes::from(self.lines);
+        for line in lines.split(|&b| b == b'\n') {
             let Some(colon) = line.iter().position(|&b| b == b':') else {
                 continue;
             };
             let value = line[colon + 1..].trim_ascii();
-            let at = value.as_ptr() as usize - self.lines.as_ptr() as usize;
+            let at = value.as_ptr() as usize - lines.as_ptr() as usize;
             // httparse admitted both; a line that will not convert is left out.
             if let (Ok(name), Ok(value)) = (
                 HeaderName::from_bytes(&line[..colon]),
-                HeaderValue::from_maybe_shared(self.lines.slice(at..at + value.len())),
+                HeaderValue::from_maybe_shared(lines.slice(at..at + value.len())),
             ) {
                 headers.append(name, value);
             }
@@ -105,10 +106,12 @@ pub enum After {
     Close,
 }
 
-/// The response head in wire form: `headers`, then the lines of `wire`, with the framing
-/// headers this hop decides (a `Content-Length` unless the head `declared` one). An HTTP/1.0
-/// client (`http10`) gets the version it spoke, as hyper answers it.
+/// The response head in wire form, appended to `head`: `headers`, then the lines of `wire`,
+/// with the framing headers this hop decides (a `Content-Length` unless the head `declared`
+/// one). An HTTP/1.0 client (`http10`) gets the version it spoke, as hyper answers it.
+#[allow(clippy::too_many_arguments)] // the head's parts, each its own decision
 pub fn encode_head(
+    head: &mut Vec<u8>,
     http10: bool,
     status: StatusCode,
     headers: &HeaderMap,
@@ -116,7 +119,7 @@ pub fn encode_head(
     framing: Framing,
     declared: bool,
     after: After,
-) -> Vec<u8> {
+) {
     let wire_lines = wire.map_or(&[][..], |w| &w.lines[..]);
     let size = headers
         .iter()
@@ -124,7 +127,7 @@ pub fn encode_head(
         .sum::<usize>()
         + wire_lines.len()
         + 128;
-    let mut head = Vec::with_capacity(size);
+    head.reserve(size);
     head.extend_from_slice(if http10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
     head.extend_from_slice(status.as_str().as_bytes());
     head.push(b' ');
@@ -165,7 +168,6 @@ pub fn encode_head(
         After::Close => head.extend_from_slice(b"connection: close\r\n"),
     }
     head.extend_from_slice(b"\r\n");
-    head
 }
 
 /// Calls `f` with the current `Date` value, formatted once a second per thread.
@@ -195,8 +197,15 @@ mod tests {
     fn frames_responses_as_hyper_does() {
         let mut headers = HeaderMap::new();
         headers.insert("x-a", HeaderValue::from_static("1"));
+        let encoded = |http10, status, headers: &HeaderMap, wire, framing, declared, after| {
+            let mut head = Vec::new();
+            encode_head(
+                &mut head, http10, status, headers, wire, framing, declared, after,
+            );
+            String::from_utf8(head).unwrap()
+        };
         let head = |framing, declared, after, headers: &HeaderMap| {
-            String::from_utf8(encode_head(
+            encoded(
                 false,
                 StatusCode::OK,
                 headers,
@@ -204,8 +213,7 @@ mod tests {
                 framing,
                 declared,
                 after,
-            ))
-            .unwrap()
+            )
         };
         let h = head(Framing::Length(12), false, After::KeepAlive, &headers);
         assert!(h.starts_with("HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: 12\r\ndate: "));
@@ -220,7 +228,7 @@ mod tests {
         );
         let h = head(Framing::Length(1), false, After::KeepAlive10, &headers);
         assert!(h.ends_with("connection: keep-alive\r\n\r\n"), "{h}");
-        let h = String::from_utf8(encode_head(
+        let h = encoded(
             true,
             StatusCode::OK,
             &headers,
@@ -228,8 +236,7 @@ mod tests {
             Framing::None,
             false,
             After::Close,
-        ))
-        .unwrap();
+        );
         assert!(h.starts_with("HTTP/1.0 200 OK\r\n"), "{h}");
 
         headers.insert(CONTENT_LENGTH, HeaderValue::from_static("7"));
@@ -250,13 +257,13 @@ mod tests {
 
         // An upstream's head goes on as it came, after the headers of the map.
         let wire = WireHead {
-            lines: Bytes::from_static(b"Content-Type: a/b\r\nContent-Length: 3\r\n"),
+            lines: b"Content-Type: a/b\r\nContent-Length: 3\r\n".to_vec(),
             has_length: true,
             has_date: false,
         };
         let mut headers = HeaderMap::new();
         headers.insert("x-b", HeaderValue::from_static("2"));
-        let h = String::from_utf8(encode_head(
+        let h = encoded(
             false,
             StatusCode::NOT_FOUND,
             &headers,
@@ -264,8 +271,7 @@ mod tests {
             Framing::Length(3),
             true,
             After::KeepAlive,
-        ))
-        .unwrap();
+        );
         assert!(
             h.starts_with(
                 "HTTP/1.1 404 Not Found\r\nx-b: 2\r\nContent-Type: a/b\r\nContent-Length: 3\r\ndate: "

@@ -55,6 +55,9 @@ pub const LINGER_TIME: Duration = Duration::from_secs(2);
 pub const LINGER_BYTES: usize = 256 * 1024;
 /// The most bytes one read takes while lingering.
 const LINGER_READ: usize = 4096;
+/// The most room a connection keeps for the response heads it writes; a larger head's room is
+/// given back once it is sent.
+pub const HEAD_ROOM_KEPT: usize = 4 * 1024;
 
 /// The interim answer to a client that waits before it sends its body.
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
@@ -94,6 +97,7 @@ where
         buf: read,
         names: Names::default(),
         writer: Writer {
+            head: Vec::new(),
             gathered: Vec::new(),
             timeout: http.write_timeout,
         },
@@ -385,7 +389,10 @@ impl Exchange {
 
 /// Writes responses to a client: gathered, then written vectored.
 struct Writer {
-    /// What the next vectored write sends.
+    /// The response head the next vectored write sends first, in room kept from the last one
+    /// (up to [`HEAD_ROOM_KEPT`]).
+    head: Vec<u8>,
+    /// What the next vectored write sends after the head.
     gathered: Vec<Bytes>,
     /// How long one write may wait for the client to take bytes.
     timeout: Duration,
@@ -441,7 +448,8 @@ impl Writer {
             Framing::Chunked
         };
         let declared = declared.is_some() && !(exchange.connect && status.is_success());
-        let head = encode_head(
+        encode_head(
+            &mut self.head,
             exchange.http10,
             status,
             &parts.headers,
@@ -450,7 +458,6 @@ impl Writer {
             declared,
             after,
         );
-        self.gathered.push(head.into());
         let kept = after != After::Close;
         if framing == Framing::None {
             self.flush(io).await?;
@@ -516,16 +523,19 @@ impl Writer {
         Ok(kept)
     }
 
-    /// Writes everything gathered to `io`, vectored, and empties it. Each write may wait at
-    /// most the write timeout for the client to take bytes (a timer is armed only when the
-    /// socket is full); a client that stops reading is cut off.
+    /// Writes the head and everything gathered to `io`, vectored, and empties both. Each write
+    /// may wait at most the write timeout for the client to take bytes (a timer is armed only
+    /// when the socket is full); a client that stops reading is cut off.
     async fn flush<W: AsyncWrite + Unpin>(&mut self, io: &mut W) -> io::Result<()> {
-        let gathered = &mut self.gathered;
+        let Self { head, gathered, .. } = self;
+        let mut head_sent = 0;
         let mut first = 0;
-        while first < gathered.len() {
+        while head_sent < head.len() || first < gathered.len() {
             let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-            let count = (gathered.len() - first).min(MAX_SLICES);
-            for (slice, bytes) in slices.iter_mut().zip(&gathered[first..]) {
+            let head_left = (head_sent < head.len()) as usize;
+            slices[0] = IoSlice::new(&head[head_sent..]);
+            let count = (head_left + gathered.len() - first).min(MAX_SLICES);
+            for (slice, bytes) in slices[head_left..count].iter_mut().zip(&gathered[first..]) {
                 *slice = IoSlice::new(bytes);
             }
             let mut write = pin!(io.write_vectored(&slices[..count]));
@@ -543,6 +553,9 @@ impl Writer {
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
+            let from_head = n.min(head.len() - head_sent);
+            head_sent += from_head;
+            n -= from_head;
             while n > 0 {
                 let bytes = &mut gathered[first];
                 if n >= bytes.len() {
@@ -554,6 +567,10 @@ impl Writer {
                 }
             }
         }
+        if head.capacity() > HEAD_ROOM_KEPT {
+            *head = Vec::new();
+        }
+        head.clear();
         gathered.clear();
         Ok(())
     }
@@ -695,6 +712,21 @@ mod tests {
                 .write(wire("200 OK", "ok", false).as_bytes())
                 .build();
             assert_eq!(serve_script(io).await, ["GET /a?b=c "]);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_the_client_takes_in_pieces_goes_out_whole_and_in_order() {
+        let answer = wire("200 OK", "ok", false);
+        for (first, second) in splits(answer.as_bytes()) {
+            let io = Builder::new()
+                .read(GET)
+                .write(first)
+                .write(second)
+                .read(GET)
+                .write(answer.as_bytes())
+                .build();
+            assert_eq!(serve_script(io).await, ["GET /a?b=c ", "GET /a?b=c "]);
         }
     }
 
