@@ -25,7 +25,6 @@ use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use futures_util::future::Either;
 use http::header::CONNECTION;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body;
@@ -33,8 +32,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{oneshot, watch};
 use tokio::time::{Instant, Sleep};
-use tower::util::Oneshot;
-use tower::{Service, ServiceExt};
+use tower::Service;
 
 use super::READ_SIZE;
 use super::fields::{content_length, has_token};
@@ -110,16 +108,24 @@ where
         waits_seen: None,
     };
     loop {
-        let head = match conn.next_head(http).await? {
-            Next::Head(head) => head,
-            Next::Ended => return Ok(()),
-            Next::Refused(refusal) => {
-                tracing::debug!(%refusal, "request head refused");
-                let response = refuse(refusal);
-                conn.writer
-                    .respond(&mut conn.io, response, Exchange::plain(After::Close))
-                    .await?;
-                return linger(conn.io).await;
+        // The head is read here, where it is used: it is not moved through a wait's result.
+        let head = loop {
+            if !conn.buf.is_empty() {
+                match request::parse(&mut conn.buf, &mut conn.names) {
+                    Ok(Some(head)) => break head,
+                    Ok(None) => {}
+                    Err(refusal) => {
+                        tracing::debug!(%refusal, "request head refused");
+                        let response = refuse(refusal);
+                        conn.writer
+                            .respond(&mut conn.io, response, Exchange::plain(After::Close))
+                            .await?;
+                        return linger(conn.io).await;
+                    }
+                }
+            }
+            if !conn.read_more(http).await? {
+                return Ok(());
             }
         };
         let Head {
@@ -158,7 +164,8 @@ where
             let body = (length > 0).then(|| conn.buf.split_to(length as usize).freeze());
             let request = request.map(|()| RequestBody::Whole(body));
             // The connection's own copy of the service: its requests come one at a time.
-            let Ok(response) = call_mut(&mut service, request).await;
+            let Ok(()) = std::future::poll_fn(|cx| service.poll_ready(cx)).await;
+            let Ok(response) = service.call(request).await;
             let upgrading = exchange.connect && response.status().is_success();
             let kept = conn
                 .writer
@@ -191,7 +198,8 @@ where
             };
             let body = Streaming::new(source, length, back, wanted);
             let request = request.map(|()| RequestBody::Streaming(Box::new(body)));
-            let answer = call_mut(&mut service, request);
+            let Ok(()) = std::future::poll_fn(|cx| service.poll_ready(cx)).await;
+            let answer = service.call(request);
             let Ok(response) = match continue_wanted {
                 None => answer.await,
                 Some(continue_wanted) => {
@@ -234,38 +242,11 @@ where
     }
 }
 
-/// Hands `req` to `service` in this step if it is ready at once, else to a clone of it through
-/// tower's `Oneshot`, which waits for its readiness.
-pub fn call_mut<S: Service<R> + Clone, R>(
-    service: &mut S,
-    req: R,
-) -> Either<S::Future, Oneshot<S, R>> {
-    // A service ready at once never looks at the waker; one that is not gets a real one
-    // from the Oneshot below.
-    let mut cx = Context::from_waker(Waker::noop());
-    match service.poll_ready(&mut cx) {
-        Poll::Ready(Ok(())) => Either::Left(service.call(req)),
-        // Not ready, or failed: the Oneshot polls it again and reports what it says.
-        _ => Either::Right(service.clone().oneshot(req)),
-    }
-}
-
 /// What ended a connection's wait.
 enum Woke {
     Read(io::Result<usize>),
     Deadline,
     Stop,
-}
-
-/// What a connection read next.
-#[allow(clippy::large_enum_variant)] // returned once per request; a box would cost an allocation
-enum Next {
-    /// A request head, taken out of the buffer.
-    Head(Head),
-    /// A head that is refused.
-    Refused(Refusal),
-    /// The client closed, idled too long, or the listener stops.
-    Ended,
 }
 
 /// A client connection between requests.
@@ -292,17 +273,10 @@ struct Conn<IO> {
 }
 
 impl<IO: AsyncRead + Unpin> Conn<IO> {
-    /// Reads until a complete request head, waiting at most `header_read_timeout` from the last
-    /// answer, or until the listener stops.
-    async fn next_head(&mut self, http: &Http1) -> io::Result<Next> {
+    /// Reads more of the next request head: `false` once the client closes, idles past
+    /// `header_read_timeout` since the last answer, or the listener stops.
+    async fn read_more(&mut self, http: &Http1) -> io::Result<bool> {
         loop {
-            if !self.buf.is_empty() {
-                match request::parse(&mut self.buf, &mut self.names) {
-                    Ok(Some(head)) => return Ok(Next::Head(head)),
-                    Ok(None) => {}
-                    Err(refusal) => return Ok(Next::Refused(refusal)),
-                }
-            }
             let hibernating = self.buf.is_empty();
             if hibernating {
                 self.buf = BytesMut::new(); // give back what the last request left
@@ -345,14 +319,14 @@ impl<IO: AsyncRead + Unpin> Conn<IO> {
                 http.hibernating.dec();
             }
             match woke {
-                Woke::Read(Ok(0)) | Woke::Stop => return Ok(Next::Ended),
-                Woke::Read(Ok(_)) => {}
+                Woke::Read(Ok(0)) | Woke::Stop => return Ok(false),
+                Woke::Read(Ok(_)) => return Ok(true),
                 Woke::Read(Err(error)) => return Err(error),
                 Woke::Deadline => {
                     let due = self.waiting_since + http.header_read_timeout;
                     if Instant::now() >= due {
                         tracing::debug!("no request head within header_read_timeout; closing");
-                        return Ok(Next::Ended);
+                        return Ok(false);
                     }
                     self.deadline.as_mut().reset(due); // answered since it was set
                     self.waits_seen = None; // polled again: reset does not promise to keep the waker

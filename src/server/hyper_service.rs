@@ -1,18 +1,18 @@
 //! A tower service served to hyper: hyper calls `&self`, tower wants `&mut self` and readiness
 //! first. hyper-util's adapter clones the service and drives it through a `Oneshot` future for
 //! every request; this one clones it and, when it is ready at once, hands the request over in the
-//! same step ([`call_mut`]), so the request future is the service's own. The HTTP/1 server side
-//! calls [`call_mut`] on its connection's own copy, without the clone.
+//! same step ([`call_mut`]), so the request future is the service's own. (The HTTP/1 server side
+//! waits for its connection's own copy to be ready and calls it, without a clone.)
 //!
 //! The proxy's stack is always ready at once: load shedding ([`crate::layers::shed`]) answers 503 from
 //! `call` rather than waiting, and the rescue layer answers readiness errors (see
 //! [`crate::stack`]). A service that is not ready takes the usual way, through tower's `Oneshot`.
 
-use futures_util::future::Either;
-use tower::Service;
-use tower::util::Oneshot;
+use std::task::{Context, Poll, Waker};
 
-use crate::http1::server::call_mut;
+use futures_util::future::Either;
+use tower::util::Oneshot;
+use tower::{Service, ServiceExt};
 
 /// Serves the tower service `S` to hyper; see the module docs.
 #[derive(Debug, Clone)]
@@ -28,6 +28,19 @@ where
 
     fn call(&self, req: R) -> Self::Future {
         call_mut(&mut self.0.clone(), req)
+    }
+}
+
+/// Hands `req` to `service` in this step if it is ready at once, else to a clone of it through
+/// tower's `Oneshot`, which waits for its readiness.
+fn call_mut<S: Service<R> + Clone, R>(service: &mut S, req: R) -> Either<S::Future, Oneshot<S, R>> {
+    // A service ready at once never looks at the waker; one that is not gets a real one
+    // from the Oneshot below.
+    let mut cx = Context::from_waker(Waker::noop());
+    match service.poll_ready(&mut cx) {
+        Poll::Ready(Ok(())) => Either::Left(service.call(req)),
+        // Not ready, or failed: the Oneshot polls it again and reports what it says.
+        _ => Either::Right(service.clone().oneshot(req)),
     }
 }
 
