@@ -229,16 +229,6 @@ impl From<Refusal> for ProxyError {
     }
 }
 
-impl From<BoxError> for ProxyError {
-    /// Unboxes errors that passed through tower's generic layers (the filters).
-    fn from(error: BoxError) -> Self {
-        match error.downcast::<ProxyError>() {
-            Ok(e) => *e,
-            Err(_) => Self::Internal("unexpected error from a tower layer"),
-        }
-    }
-}
-
 /// Why a method is refused, and what would allow it.
 fn method_refusal(method: &http::Method) -> String {
     match *method {

@@ -4,20 +4,18 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use http::Request;
-use tower::filter::FilterLayer;
 use tower::{Service, ServiceBuilder};
 
 use crate::body::{ClientBody, ProxyResponse};
 use crate::config::Config;
 use crate::gateway::SharedLive;
-use crate::layers::admit::Admit;
+use crate::layers::admit::AdmitLayer;
 use crate::layers::forward::Forward;
 use crate::layers::inject_bearer::InjectBearerLayer;
 use crate::layers::record::RecordLayer;
 use crate::layers::replay_body::{BodyLimits, ReplayBodyLayer};
 use crate::layers::rescue::RescueLayer;
 use crate::layers::retry::RetryOn401Layer;
-use crate::layers::shed::ShedLayer;
 use crate::layers::tunnel::TunnelLayer;
 use crate::metrics::Metrics;
 use crate::upstream::ssrf::Resolve;
@@ -45,11 +43,13 @@ pub fn proxy(
         // included); nothing below writes errors.
         .layer(RescueLayer)
         // Only allowed clients holding the shared key (if configured) get any further; then
-        // pick the route, rewrite the URI, strip hop-by-hop, apply client_authorization. One
-        // snapshot of the configuration for both.
-        .layer(FilterLayer::new(Admit::new(live.clone())))
-        // Shed load past max_concurrent_requests (503 overloaded) instead of queueing it.
-        .layer(ShedLayer::new(server.max_concurrent_requests))
+        // pick the route, rewrite the URI, strip hop-by-hop, apply client_authorization (one
+        // snapshot of the configuration for both); then shed load past
+        // max_concurrent_requests (503 overloaded) instead of queueing it.
+        .layer(AdmitLayer::new(
+            live.clone(),
+            server.max_concurrent_requests,
+        ))
         // CONNECT to a `[forward] tunnel_allow` target: SSRF guard, dial, blind tunnel.
         .layer(TunnelLayer::new(
             live,

@@ -1,37 +1,87 @@
-//! Admission: who may send a request ([`super::access`]) and where it goes
-//! ([`super::route`]), both decided on one snapshot of the configuration. A CONNECT is left
-//! unrouted for the tunnel layer when tunnels are configured, and refused (405) otherwise.
+//! Admission: who may send a request ([`super::access`]), where it goes ([`super::route`]),
+//! both decided on one snapshot of the configuration, and whether there is room for it
+//! ([`super::shed`]). A CONNECT is left unrouted for the tunnel layer when tunnels are
+//! configured, and refused (405) otherwise. A refused request never counts as in flight.
 
+use std::task::{Context, Poll};
+
+use futures_util::future::{Either, Ready, ready};
 use http::{Method, Request};
-use tower::filter::Predicate;
+use tower::{Layer, Service};
 
-use crate::error::BoxError;
+use super::shed::{Counted, Shed};
+use crate::error::ProxyError;
 use crate::gateway::SharedLive;
 
-/// Admission as a tower [`Predicate`] (for `tower::filter::FilterLayer`): the access check, then
-/// the route, or the refusal of either; see the module docs.
+/// Admits requests by the current configuration and `server.max_concurrent_requests`; see the
+/// module docs.
 #[derive(Clone)]
-pub struct Admit {
+pub struct AdmitLayer {
     live: SharedLive,
+    shed: Shed,
 }
 
-impl Admit {
-    /// Admits by the current snapshot's access policy and routes.
-    pub fn new(live: SharedLive) -> Self {
-        Self { live }
+impl AdmitLayer {
+    /// Admits by `live`'s current access policy and routes, at most `max_in_flight` requests at
+    /// once across the services it builds.
+    pub fn new(live: SharedLive, max_in_flight: usize) -> Self {
+        Self {
+            live,
+            shed: Shed::new(max_in_flight),
+        }
     }
 }
 
-impl<B> Predicate<Request<B>> for Admit {
-    type Request = Request<B>;
+impl<S> Layer<S> for AdmitLayer {
+    type Service = Admit<S>;
 
-    fn check(&mut self, mut req: Request<B>) -> Result<Request<B>, BoxError> {
-        let live = self.live.load();
-        super::access::check(&live.access, &mut req)?;
-        if req.method() == Method::CONNECT && !live.config.forward.tunnel_allow.is_empty() {
-            return Ok(req); // the tunnel layer's
+    fn layer(&self, inner: S) -> Self::Service {
+        Admit {
+            inner,
+            live: self.live.clone(),
+            shed: self.shed.clone(),
         }
-        super::route::route_request(&live.routes, &mut req)?;
-        Ok(req)
+    }
+}
+
+/// See [`AdmitLayer`].
+#[derive(Clone)]
+pub struct Admit<S> {
+    inner: S,
+    live: SharedLive,
+    shed: Shed,
+}
+
+impl<S, B> Service<Request<B>> for Admit<S>
+where
+    S: Service<Request<B>>,
+    S::Error: From<ProxyError>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Either<Counted<S::Future>, Ready<Result<S::Response, S::Error>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        match self.admit(&mut req) {
+            Ok(in_flight) => Either::Left(Counted::new(self.inner.call(req), in_flight)),
+            Err(refusal) => Either::Right(ready(Err(refusal.into()))),
+        }
+    }
+}
+
+impl<S> Admit<S> {
+    /// The access check, the route, then a place in the count.
+    fn admit<B>(&self, req: &mut Request<B>) -> Result<super::shed::InFlight, ProxyError> {
+        let live = self.live.load();
+        super::access::check(&live.access, req)?;
+        // A CONNECT is the tunnel layer's.
+        if req.method() != Method::CONNECT || live.config.forward.tunnel_allow.is_empty() {
+            super::route::route_request(&live.routes, req)?;
+        }
+        self.shed.enter()
     }
 }

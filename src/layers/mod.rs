@@ -1,7 +1,7 @@
 //! The tower middleware of the request path, one per file; [`crate::stack`] assembles them, in
 //! the order a request meets them: [`record`] (span, metrics, access log), [`rescue`] (errors
 //! become their JSON responses), [`admit`] ([`access`]: allowed clients, shared key; then
-//! [`route`]: match, rewrite, hop-by-hop), [`shed`] (load past `max_concurrent_requests`),
+//! [`route`]: match, rewrite, hop-by-hop; then [`shed`]: load past `max_concurrent_requests`),
 //! [`tunnel`] (CONNECT to listed targets), [`replay_body`] (limits, replayable bodies),
 //! [`retry`] (once on 401), [`inject_bearer`] (the token); then [`forward`], the service at the
 //! core that sends the request upstream.

@@ -1,5 +1,6 @@
-//! Load shedding: past `server.max_concurrent_requests` in flight, a request is answered 503
-//! `overloaded` at once instead of queueing.
+//! Load shedding, as admission applies it ([`super::admit`]): past
+//! `server.max_concurrent_requests` in flight, a request is answered 503 `overloaded` at once
+//! instead of queueing.
 //!
 //! tower's `LoadShed` over `ConcurrencyLimit` did this with a semaphore: a permit taken in
 //! `poll_ready` and given back through the semaphore's waiter lock, for waiters that load
@@ -12,69 +13,46 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
-use futures_util::future::{Either, Ready, ready};
 use pin_project_lite::pin_project;
-use tower::{Layer, Service};
 
 use crate::error::ProxyError;
 
-/// Sheds requests past `max` in flight; see the module docs.
-#[derive(Debug, Clone, Copy)]
-pub struct ShedLayer {
-    max: usize,
-}
-
-impl ShedLayer {
-    /// At most `max` requests in flight through each service this layer builds.
-    pub fn new(max: usize) -> Self {
-        Self { max }
-    }
-}
-
-impl<S> Layer<S> for ShedLayer {
-    type Service = Shed<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Shed {
-            inner,
-            max: self.max,
-            in_flight: Arc::new(AtomicUsize::new(0)),
-        }
-    }
-}
-
-/// See [`ShedLayer`]. Its clones share one count.
+/// The count of requests in flight, shared by its clones, with its limit.
 #[derive(Debug, Clone)]
-pub struct Shed<S> {
-    inner: S,
+pub struct Shed {
     max: usize,
     in_flight: Arc<AtomicUsize>,
 }
 
-impl<S, R> Service<R> for Shed<S>
-where
-    S: Service<R>,
-    S::Error: From<ProxyError>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Either<Counted<S::Future>, Ready<Result<S::Response, S::Error>>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+impl Shed {
+    /// At most `max` requests in flight across this count's clones.
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+        }
     }
 
-    fn call(&mut self, req: R) -> Self::Future {
+    /// A place for one more request, held until the [`InFlight`] is dropped; `Overloaded` if
+    /// all are taken.
+    pub fn enter(&self) -> Result<InFlight, ProxyError> {
         // Counted first, checked after: two racing calls cannot both take the last place.
         // Relaxed, as the count guards no other memory.
         if self.in_flight.fetch_add(1, Ordering::Relaxed) >= self.max {
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
-            return Either::Right(ready(Err(ProxyError::Overloaded.into())));
+            return Err(ProxyError::Overloaded);
         }
-        Either::Left(Counted {
-            inner: self.inner.call(req),
-            _in_flight: InFlight(self.in_flight.clone()),
-        })
+        Ok(InFlight(self.in_flight.clone()))
+    }
+}
+
+/// One place in the count, given back when dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -83,7 +61,14 @@ pin_project! {
     pub struct Counted<F> {
         #[pin]
         inner: F,
-        _in_flight: InFlight,
+        in_flight: InFlight,
+    }
+}
+
+impl<F> Counted<F> {
+    /// `inner`, holding its place in the count.
+    pub fn new(inner: F, in_flight: InFlight) -> Self {
+        Self { inner, in_flight }
     }
 }
 
@@ -95,40 +80,24 @@ impl<F: Future> Future for Counted<F> {
     }
 }
 
-/// One place in the count, given back when dropped.
-struct InFlight(Arc<AtomicUsize>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use futures_util::future::pending;
-    use tower::ServiceExt;
-
     use super::*;
 
-    #[tokio::test]
-    async fn sheds_past_the_limit_across_clones_and_frees_places_as_requests_end() {
-        // Its requests never answer: each stays in flight until its future is dropped.
-        let never = tower::service_fn(|(): ()| pending::<Result<(), ProxyError>>());
-        let mut a = ShedLayer::new(2).layer(never);
-        let mut b = a.clone();
-        let first = a.ready().await.unwrap().call(());
-        let second = b.ready().await.unwrap().call(());
+    #[test]
+    fn sheds_past_the_limit_across_clones_and_frees_places_as_requests_end() {
+        let a = Shed::new(2);
+        let b = a.clone();
+        let first = a.enter().unwrap();
+        let second = b.enter().unwrap();
         // The third, on either clone, is shed at once.
-        let third = a.ready().await.unwrap().call(());
-        assert!(matches!(third.await, Err(ProxyError::Overloaded)));
-        assert!(matches!(
-            b.ready().await.unwrap().call(()),
-            Either::Right(_)
-        ));
-        // A request that ends (here: dropped) gives its place back.
+        assert!(matches!(a.enter(), Err(ProxyError::Overloaded)));
+        assert!(matches!(b.enter(), Err(ProxyError::Overloaded)));
+        // A request that ends gives its place back; a shed one took none.
         drop(first);
-        assert!(matches!(b.ready().await.unwrap().call(()), Either::Left(_)));
-        drop(second);
+        let third = b.enter().unwrap();
+        assert!(matches!(a.enter(), Err(ProxyError::Overloaded)));
+        drop((second, third));
+        assert!(a.enter().is_ok());
     }
 }

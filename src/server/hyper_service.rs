@@ -5,7 +5,7 @@
 //! waits for its connection's own copy to be ready and calls it, without a clone.)
 //!
 //! The proxy's stack is always ready at once: load shedding ([`crate::layers::shed`]) answers 503 from
-//! `call` rather than waiting, and the rescue layer answers readiness errors (see
+//! admission's `call` rather than waiting, and the rescue layer answers readiness errors (see
 //! [`crate::stack`]). A service that is not ready takes the usual way, through tower's `Oneshot`.
 
 use std::task::{Context, Poll, Waker};
