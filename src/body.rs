@@ -61,6 +61,12 @@ pub enum ClientBody {
     Hyper(Incoming),
 }
 
+impl From<RequestBody> for ClientBody {
+    fn from(body: RequestBody) -> Self {
+        Self::Http1(body)
+    }
+}
+
 impl ClientBody {
     /// A body held whole (`None`: no body), as an HTTP/1 client's that arrived with its head.
     pub fn whole(bytes: Option<Bytes>) -> Self {

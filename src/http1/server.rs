@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::CONNECTION;
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Extensions, Method, Request, Response, StatusCode, Version};
 use http_body::Body;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -74,18 +74,21 @@ pub struct Http1 {
 
 /// Serves the HTTP/1 client `io`, whose first bytes (already read) are `read`, until it closes,
 /// fails, idles past `header_read_timeout`, or `stop` flips (a request in flight finishes
-/// first). `refuse` answers the heads that are refused.
-pub async fn serve<IO, S, B>(
+/// first). Each request gets from `tag` what it carries from its connection, and its body as
+/// the service's body type `RB`. `refuse` answers the heads that are refused.
+pub async fn serve<IO, S, RB, B>(
     http: &Http1,
     io: IO,
     read: BytesMut,
     mut service: S,
+    tag: impl Fn(&mut Extensions),
     refuse: impl Fn(Refusal) -> Response<B>,
     stop: watch::Receiver<bool>,
 ) -> io::Result<()>
 where
     IO: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static,
-    S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible> + Clone,
+    S: Service<Request<RB>, Response = Response<B>, Error = Infallible>,
+    RB: From<RequestBody>,
     B: Body<Data = Bytes> + CarriesHead,
     B::Error: std::fmt::Display,
 {
@@ -149,6 +152,7 @@ where
             http10: request.version() == Version::HTTP_10,
             after,
         };
+        tag(request.extensions_mut());
         let upgrade = exchange.connect.then(|| {
             let (sender, receiver) = oneshot::channel();
             request.extensions_mut().insert(OnUpgrade::new(receiver));
@@ -162,7 +166,7 @@ where
         if let Some(length) = length {
             // Whole: the connection stays as it is.
             let body = (length > 0).then(|| conn.buf.split_to(length as usize).freeze());
-            let request = request.map(|()| RequestBody::Whole(body));
+            let request = request.map(|()| RequestBody::Whole(body).into());
             // The connection's own copy of the service: its requests come one at a time.
             let Ok(()) = std::future::poll_fn(|cx| service.poll_ready(cx)).await;
             let Ok(response) = service.call(request).await;
@@ -197,7 +201,7 @@ where
                 _ => None,
             };
             let body = Streaming::new(source, length, back, wanted);
-            let request = request.map(|()| RequestBody::Streaming(Box::new(body)));
+            let request = request.map(|()| RequestBody::Streaming(Box::new(body)).into());
             let Ok(()) = std::future::poll_fn(|cx| service.poll_ready(cx)).await;
             let answer = service.call(request);
             let Ok(response) = match continue_wanted {
@@ -664,7 +668,7 @@ mod tests {
             hibernating: Gauge::default(),
         };
         let (_stop, stopped) = watch::channel(false);
-        serve(&http, io, BytesMut::new(), service, refuse, stopped)
+        serve(&http, io, BytesMut::new(), service, |_| {}, refuse, stopped)
             .await
             .unwrap();
         seen.lock().unwrap().clone()

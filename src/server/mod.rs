@@ -33,7 +33,7 @@ use crate::config::ServerConfig;
 use crate::ctx::Ctx;
 use crate::error::{BoxError, ProxyError};
 use crate::gateway::Gateway;
-use crate::http1::{self, CarriesHead, Refusal, RequestBody, Rewound};
+use crate::http1::{self, CarriesHead, Refusal, Rewound};
 use crate::server::hyper_service::Hyper;
 use crate::{admin, stack, tls};
 
@@ -370,12 +370,10 @@ where
         let service = Hyper(with_ctx(service, peer));
         return Box::pin(serve_http2(&http.http2, io, service, stop)).await;
     }
-    let service = service.map_request(move |req: Request<RequestBody>| {
-        let mut req = req.map(ClientBody::Http1);
-        req.extensions_mut().insert(Ctx::new(Some(peer)));
-        req
-    });
-    Ok(http1::serve(&http.http1, io, read, service, refuse, stop).await?)
+    let tag = |extensions: &mut http::Extensions| {
+        extensions.insert(Ctx::new(Some(peer)));
+    };
+    Ok(http1::serve(&http.http1, io, read, service, tag, refuse, stop).await?)
 }
 
 /// Reads a new client's first bytes, until they tell HTTP/2 with prior knowledge (its preface)
