@@ -169,7 +169,10 @@ where
             let request = request.map(|()| RequestBody::Whole(body).into());
             // The connection's own copy of the service: its requests come one at a time.
             let Ok(()) = std::future::poll_fn(|cx| service.poll_ready(cx)).await;
-            let Ok(response) = service.call(request).await;
+            // Pinned where it was made and polled there: `.await` on the call would copy the
+            // whole future again on its way in.
+            let mut answer = pin!(service.call(request));
+            let Ok(response) = std::future::poll_fn(|cx| answer.as_mut().poll(cx)).await;
             let upgrading = exchange.connect && response.status().is_success();
             let kept = conn
                 .writer

@@ -2,6 +2,8 @@
 //! upstream client, bounded by `request_timeout`, with hop-by-hop headers removed from the
 //! response and a 401-answered request left for the retry layer.
 
+use std::future::poll_fn;
+use std::pin::pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -121,8 +123,17 @@ impl Service<Request<ProxyBody>> for Forward {
                     // connection's own timer keeps (no timer per request).
                     let now = Instant::now();
                     let due = now + timeout.min(LONGEST_WAIT);
-                    let sent = pool.send(&parts, body.as_deref().unwrap_or_default(), now, due);
-                    let mut response = sent.await.map_err(from_pool)?;
+                    // Pinned where it was made, and the answer matched where it lands: each
+                    // would otherwise be copied on its way (the future into the await, the
+                    // response through `map_err` and `?`).
+                    let mut response = {
+                        let body = body.as_deref().unwrap_or_default();
+                        let mut sent = pin!(pool.send(&parts, body, now, due));
+                        match poll_fn(|cx| sent.as_mut().poll(cx)).await {
+                            Ok(response) => response,
+                            Err(error) => return Err(from_pool(error)),
+                        }
+                    };
                     if response.status() == StatusCode::UNAUTHORIZED {
                         let again = Request::from_parts(parts, ProxyBody::Full(body));
                         let ctx = Ctx::of(&again).cloned();
