@@ -39,8 +39,7 @@ pub fn proxy(
         // A span per request for everything below (method, URI; no headers); then requests by
         // route and status, their duration and the access log, as the client saw them.
         .layer(RecordLayer::new(metrics.clone()))
-        // The one place a ProxyError becomes its JSON response (the tower layers' boxed errors
-        // included); nothing below writes errors.
+        // The one place a ProxyError becomes its JSON response; nothing below writes errors.
         .layer(RescueLayer)
         // Only allowed clients holding the shared key (if configured) get any further; then
         // pick the route, rewrite the URI, strip hop-by-hop, apply client_authorization (one
