@@ -9,7 +9,7 @@ use futures_util::future::{Either, Ready, ready};
 use http::{Method, Request};
 use tower::{Layer, Service};
 
-use super::shed::{Counted, Shed};
+use super::shed::{Counted, InFlight, Shed};
 use crate::error::ProxyError;
 use crate::gateway::SharedLive;
 
@@ -75,7 +75,7 @@ where
 
 impl<S> Admit<S> {
     /// The access check, the route, then a place in the count.
-    fn admit<B>(&self, req: &mut Request<B>) -> Result<super::shed::InFlight, ProxyError> {
+    fn admit<B>(&self, req: &mut Request<B>) -> Result<InFlight, ProxyError> {
         let live = self.live.load();
         super::access::check(&live.access, req)?;
         // A CONNECT is the tunnel layer's.
